@@ -1,0 +1,1 @@
+"""The ``norton`` command line: one module per command, each a thin call into the library."""

@@ -1,0 +1,255 @@
+"""The CPDBlock: a k_h x k_w convolution whose every filter is a rank-R CP tensor.
+
+Filter ``n`` of the dense layer, ``W[n] (C_in, k_h, k_w)``, is written as
+``sum_r head[n, :, r] o body[n, :, r] o tail[n, :, r]``. Applying it factor by
+factor gives three ordinary convolutions::
+
+    x (B, C_in, H, W)
+      -> pointwise 1x1, C_in -> R*N               (B, R*N, H, W)
+      -> vertical   depthwise k_h x 1, stride (s_h, 1)
+      -> horizontal depthwise 1 x k_w, stride (1, s_w)   (B, R*N, H', W')
+      -> sum over the R rank groups, + bias      (B, N, H', W')
+
+Intermediate channel ``r * N + n`` carries rank component ``r`` of filter ``n``
+(rank-major), so the sum is a reshape to ``(B, R, N, H', W')`` and a ``sum(1)``.
+Only ``nn.Conv2d`` submodules are used, so hook-based MAC counters, pruners
+and exporters see ordinary layers. Parameter names (``feature.pointwise.weight``,
+``feature.vertical.weight``, ``feature.horizontal.weight``, ``bias``) are those
+of the NORTON reference implementation, so its released checkpoints load.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from norton.cp_tensor import CPFactors
+
+IntPair = int | tuple[int, int]
+
+
+def _pair(value: IntPair, name: str) -> tuple[int, int]:
+    if isinstance(value, int):
+        return (value, value)
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        return (int(value[0]), int(value[1]))
+    raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+
+
+def conv_padding(conv: nn.Conv2d) -> tuple[int, int]:
+    """The explicit (p_h, p_w) padding of ``conv``, resolving ``'valid'``/``'same'``."""
+    if conv.padding == "valid":
+        return (0, 0)
+    if conv.padding == "same":
+        pads = []
+        for k, d in zip(conv.kernel_size, conv.dilation):
+            total = d * (k - 1)
+            if total % 2:
+                raise ValueError(
+                    f"padding='same' with an even effective kernel ({k}, dilation {d}) is asymmetric; "
+                    "CPDBlock supports symmetric padding only"
+                )
+            pads.append(total // 2)
+        return (pads[0], pads[1])
+    return _pair(tuple(conv.padding), "padding")
+
+
+class CPDBlock(nn.Module):
+    """A rank-``R`` filter-decomposed 2-D convolution (NORTON's CPDBlock).
+
+    Args:
+        in_channels: ``C_in``.
+        out_channels: ``N``, the number of filters.
+        rank: ``R``, the CP rank of every filter.
+        kernel_size: ``k`` or ``(k_h, k_w)``.
+        stride, padding, dilation: as in ``nn.Conv2d`` (ints or pairs); the height
+            part goes to the vertical conv and the width part to the horizontal one.
+        bias: whether the block adds a learnable bias of ``N``.
+        padding_mode: as in ``nn.Conv2d``; padding along one axis commutes with a
+            convolution along the other, so splitting it is exact.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        rank: int,
+        kernel_size: IntPair = 3,
+        stride: IntPair = 1,
+        padding: IntPair = 0,
+        dilation: IntPair = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("rank", rank)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        kh, kw = _pair(kernel_size, "kernel_size")
+        sh, sw = _pair(stride, "stride")
+        ph, pw = _pair(padding, "padding")
+        dh, dw = _pair(dilation, "dilation")
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.rank = rank
+        self.kernel_size = (kh, kw)
+        self.stride = (sh, sw)
+        self.padding = (ph, pw)
+        self.dilation = (dh, dw)
+        self.padding_mode = padding_mode
+        channels = rank * out_channels
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
+        self.feature = nn.Sequential(
+            OrderedDict(
+                pointwise=nn.Conv2d(in_channels, channels, 1, bias=False, **factory),
+                vertical=nn.Conv2d(
+                    channels, channels, (kh, 1), stride=(sh, 1), padding=(ph, 0), dilation=(dh, 1),
+                    groups=channels, bias=False, padding_mode=padding_mode, **factory,
+                ),
+                horizontal=nn.Conv2d(
+                    channels, channels, (1, kw), stride=(1, sw), padding=(0, pw), dilation=(1, dw),
+                    groups=channels, bias=False, padding_mode=padding_mode, **factory,
+                ),
+            )
+        )
+        self.bias = nn.Parameter(torch.zeros(out_channels, **factory)) if bias else None
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.feature(x)  # (B, R*N, H', W')
+        y = y.unflatten(1, (self.rank, self.out_channels)).sum(1)  # (B, N, H', W')
+        if self.bias is not None:
+            y = y + self.bias.view(1, -1, 1, 1)
+        return y
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, rank={self.rank}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, bias={self.bias is not None}"
+        )
+
+    # ------------------------------------------------------------------ factors
+    def factors(self) -> CPFactors:
+        """The per-filter CP factors ``head (N, C_in, R)``, ``body (N, k_h, R)``, ``tail (N, k_w, R)``.
+
+        Views of the parameters' data (no gradient); clone before modifying.
+        """
+        n, r = self.out_channels, self.rank
+        pointwise = self.feature.pointwise.weight.detach()  # (R*N, C_in, 1, 1)
+        vertical = self.feature.vertical.weight.detach()  # (R*N, 1, k_h, 1)
+        horizontal = self.feature.horizontal.weight.detach()  # (R*N, 1, 1, k_w)
+        head = pointwise.reshape(r, n, self.in_channels).permute(1, 2, 0)  # (N, C_in, R)
+        body = vertical.reshape(r, n, self.kernel_size[0]).permute(1, 2, 0)  # (N, k_h, R)
+        tail = horizontal.reshape(r, n, self.kernel_size[1]).permute(1, 2, 0)  # (N, k_w, R)
+        return head, body, tail
+
+    @torch.no_grad()
+    def set_factors(self, factors: CPFactors) -> None:
+        """Load per-filter factors ``(N, C_in, R), (N, k_h, R), (N, k_w, R)`` into the three convs."""
+        head, body, tail = factors
+        n, r = self.out_channels, self.rank
+        expected = ((n, self.in_channels, r), (n, self.kernel_size[0], r), (n, self.kernel_size[1], r))
+        for name, tensor, shape in zip(("head", "body", "tail"), factors, expected):
+            if tuple(tensor.shape) != shape:
+                raise ValueError(f"{name} factor must have shape {shape}, got {tuple(tensor.shape)}")
+        # (N, X, R) -> (R, N, X) -> (R*N, X): rank-major intermediate channels
+        self.feature.pointwise.weight.copy_(head.permute(2, 0, 1).reshape(r * n, -1, 1, 1))
+        self.feature.vertical.weight.copy_(body.permute(2, 0, 1).reshape(r * n, 1, -1, 1))
+        self.feature.horizontal.weight.copy_(tail.permute(2, 0, 1).reshape(r * n, 1, 1, -1))
+
+    def dense_weight(self) -> Tensor:
+        """The equivalent dense kernel ``(N, C_in, k_h, k_w)`` (differentiable in the factors)."""
+        n, r = self.out_channels, self.rank
+        head = self.feature.pointwise.weight.reshape(r, n, self.in_channels)  # (R, N, C_in)
+        body = self.feature.vertical.weight.reshape(r, n, self.kernel_size[0])  # (R, N, k_h)
+        tail = self.feature.horizontal.weight.reshape(r, n, self.kernel_size[1])  # (R, N, k_w)
+        return torch.einsum("rnc,rnh,rnw->nchw", head, body, tail)
+
+    # ------------------------------------------------------------ conversions
+    @classmethod
+    def from_factors(
+        cls,
+        factors: CPFactors,
+        *,
+        bias: Tensor | None = None,
+        stride: IntPair = 1,
+        padding: IntPair = 0,
+        dilation: IntPair = 1,
+        padding_mode: str = "zeros",
+    ) -> "CPDBlock":
+        """Build a block from per-filter factors ``(N, C_in, R), (N, k_h, R), (N, k_w, R)``."""
+        head, body, tail = factors
+        n, c_in, r = head.shape
+        block = cls(
+            c_in, n, r, (body.shape[1], tail.shape[1]), stride=stride, padding=padding, dilation=dilation,
+            bias=bias is not None, padding_mode=padding_mode, device=head.device, dtype=head.dtype,
+        )
+        block.set_factors(factors)
+        if bias is not None:
+            with torch.no_grad():
+                block.bias.copy_(bias)
+        return block
+
+    @classmethod
+    def from_conv(
+        cls,
+        conv: nn.Conv2d,
+        rank: int,
+        *,
+        n_iter_max: int = 100,
+        tol: float = 1e-7,
+        init: str = "svd",
+        seed: int | None = None,
+    ) -> "CPDBlock":
+        """Decompose every filter of ``conv`` at CP rank ``rank`` (batched CP-ALS).
+
+        The relative reconstruction error of each filter is kept in
+        ``block.reconstruction_error`` ``(N,)`` (a plain attribute, not state).
+        """
+        check_decomposable(conv)
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+            raise ValueError(f"rank must be a positive integer, got {rank!r}")
+        from norton.cp_als import cp_als  # local: keeps the module importable on its own
+
+        weight = conv.weight.detach()  # (N, C_in, k_h, k_w)
+        factors, errors = cp_als(weight.float(), rank, n_iter_max=n_iter_max, tol=tol, init=init, seed=seed)
+        factors = tuple(f.to(weight.dtype) for f in factors)
+        bias = conv.bias.detach() if conv.bias is not None else None
+        block = cls.from_factors(
+            factors, bias=bias, stride=tuple(conv.stride), padding=conv_padding(conv),
+            dilation=tuple(conv.dilation), padding_mode=conv.padding_mode,
+        )
+        block.reconstruction_error = errors
+        return block
+
+    def to_conv(self) -> nn.Conv2d:
+        """The equivalent dense ``nn.Conv2d`` (same outputs up to float rounding)."""
+        weight = self.dense_weight().detach()
+        conv = nn.Conv2d(
+            self.in_channels, self.out_channels, self.kernel_size, stride=self.stride, padding=self.padding,
+            dilation=self.dilation, bias=self.bias is not None, padding_mode=self.padding_mode,
+            device=weight.device, dtype=weight.dtype,
+        )
+        with torch.no_grad():
+            conv.weight.copy_(weight)
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+        return conv
+
+
+def check_decomposable(conv: nn.Module) -> None:
+    """Raise ``ValueError`` unless ``conv`` is a 2-D convolution a CPDBlock can replace."""
+    if not isinstance(conv, nn.Conv2d):
+        raise ValueError(f"expected an nn.Conv2d, got {type(conv).__name__}")
+    if conv.groups != 1:
+        raise ValueError(
+            f"grouped/depthwise convolutions (groups={conv.groups}) are not supported: "
+            "filter decomposition needs groups=1"
+        )
+    if isinstance(conv, nn.LazyConv2d) or isinstance(conv.weight, nn.parameter.UninitializedParameter):
+        raise ValueError("the convolution is lazy and not initialised yet: run one forward pass first")
+    conv_padding(conv)
