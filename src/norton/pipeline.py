@@ -1,0 +1,265 @@
+"""The NORTON compression path as one function: decompose, fine-tune, prune, fine-tune, report.
+
+:func:`compress` takes a trained model and data loaders and runs the paper's
+framework in either order (``"decompose-prune"``, NORTON's, or
+``"prune-decompose"``). Each stage lives in its own folder under ``output_dir``:
+``start.pt`` (the model before fine-tuning), the fine-tuning run's
+``metrics.jsonl``/``last.pt``/``best.pt``, and ``final.pt`` with the stage's
+measurements. A killed run continues with ``resume=True``: finished stages are
+loaded, an unfinished fine-tuning resumes from its ``last.pt``.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from norton.complexity import count_complexity
+from norton.cpd_block import CPDBlock
+from norton.data import Loaders
+from norton.decompose import RankSpec, decompose, replay_decompose
+from norton.engine import evaluate, fit, resolve_device
+from norton.errors import UserError
+from norton.serialization import load_checkpoint, model_from_state, save
+
+ORDERS = ("decompose-prune", "prune-decompose")
+
+
+@dataclass
+class FineTune:
+    """Fine-tuning recipe of one stage (``epochs=0`` skips it)."""
+
+    epochs: int = 1
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 0.0
+    label_smoothing: float = 0.0
+    amp: bool = False
+
+
+@dataclass
+class CompressionResult:
+    """What :func:`compress` returns: the compressed model and one measurement per stage."""
+
+    model: nn.Module
+    stages: list[dict[str, Any]]
+    channels: dict[str, dict[str, int]] = field(default_factory=dict)
+
+
+def measure(
+    model: nn.Module, loaders: Loaders | None, input_size: Sequence[int], *, device: torch.device, name: str
+) -> dict[str, Any]:
+    """Test accuracy (when ``loaders`` is given), MACs and params of ``model`` as a stage record."""
+    complexity = count_complexity(model, tuple(input_size))
+    record: dict[str, Any] = {"name": name, "macs": int(complexity.macs), "params": int(complexity.params)}
+    if loaders is not None:
+        metrics = evaluate(model.to(device), loaders.test, device=device)
+        record.update(top1=metrics["top1"], top5=metrics["top5"], test_loss=metrics["loss"])
+    return record
+
+
+def output_channels(model: nn.Module) -> dict[str, int]:
+    """``{layer: out_channels}`` for every CPDBlock and plain conv (not those inside blocks)."""
+    inside = {f"{name}.{child}" for name, m in model.named_modules() if isinstance(m, CPDBlock) for child, _ in m.named_modules() if child}
+    return {
+        name: m.out_channels
+        for name, m in model.named_modules()
+        if isinstance(m, (CPDBlock, nn.Conv2d)) and name not in inside
+    }
+
+
+def compress(
+    model: nn.Module,
+    loaders: Loaders,
+    *,
+    input_size: Sequence[int],
+    rank: RankSpec | None,
+    compress_rate: str | Sequence[float] | None = None,
+    ratio: float | Mapping[str, float] | None = None,
+    target_macs: float | None = None,
+    criterion: str = "pabs",
+    order: str = "decompose-prune",
+    decompose_finetune: FineTune | None = None,
+    prune_finetune: FineTune | None = None,
+    output_dir: str | Path | None = None,
+    resume: bool = False,
+    device: str | torch.device = "auto",
+    seed: int = 0,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> CompressionResult:
+    """Compress a trained ``model`` with NORTON and fine-tune after each step.
+
+    Args:
+        model: a trained model (it is not modified; a copy is compressed).
+        loaders: train/val/test loaders; the best fine-tuning epoch is chosen on
+            ``val``, the reported accuracies are on ``test``.
+        input_size: ``(C, H, W)`` of one image, for MACs and tracing.
+        rank: CP rank (or rule, see :func:`norton.decompose.decompose`); ``None`` skips decomposition.
+        compress_rate, ratio, target_macs: how much to prune (at most one; none skips
+            pruning). ``target_macs`` is the fraction of the *original* model's MACs
+            the final model keeps, whatever the order.
+        criterion: pruning criterion name (``pabs``, ``csa``, ``vbd``, ``l1``, ``random``).
+        order: ``"decompose-prune"`` (NORTON) or ``"prune-decompose"``.
+        decompose_finetune, prune_finetune: recipes of the two fine-tuning stages.
+        output_dir: where stage folders go; ``None`` writes nothing (no resume).
+        resume: continue a killed run in ``output_dir``.
+    """
+    if order not in ORDERS:
+        raise UserError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
+    if sum(x is not None for x in (compress_rate, ratio, target_macs)) > 1:
+        raise UserError("say how much to prune in one way: compress_rate, ratio or target_macs")
+    if target_macs is not None and not 0 < target_macs < 1:
+        raise UserError(f"target_macs is the fraction of MACs to keep and must lie in (0, 1), got {target_macs}")
+    if rank is None and compress_rate is None and ratio is None and target_macs is None:
+        raise UserError("nothing to do: give a rank, a compress rate, a ratio or a target")
+    device = resolve_device(device)
+    out = Path(output_dir) if output_dir is not None else None
+    if out is not None and not resume and any((out / stage).exists() for stage in ("decomposed", "pruned")):
+        raise UserError(f"{out} already holds a compression run: pass --resume to continue it or choose another --output")
+    decompose_finetune = decompose_finetune or FineTune()
+    prune_finetune = prune_finetune or FineTune()
+    example = torch.zeros(1, *input_size)
+
+    model = copy.deepcopy(model).to("cpu")
+    baseline = measure(model, loaders, input_size, device=device, name="baseline")
+    model.to("cpu")
+    stages = [baseline]
+    channels = {"baseline": output_channels(model)}
+    log(f"baseline: top-1 {baseline['top1']:.2f}%  MACs {baseline['macs']:,}  params {baseline['params']:,}")
+
+    def decompose_step(m: nn.Module) -> nn.Module:
+        return decompose(m, rank, example_inputs=example, seed=seed, progress=progress)
+
+    def prune_step(m: nn.Module) -> nn.Module:
+        amount: dict[str, Any]
+        if target_macs is not None:
+            current = count_complexity(m, tuple(input_size)).macs
+            fraction = target_macs * baseline["macs"] / current
+            if order == "prune-decompose" and rank is not None:
+                fraction /= _decomposition_ratio(m, rank, input_size)
+            if fraction >= 1:
+                log(f"prune: the model is already at {current / baseline['macs']:.1%} of the baseline's MACs; nothing to prune")
+                return m
+            amount = {"target_macs": fraction}
+        elif compress_rate is not None:
+            amount = {"compress_rate": compress_rate}
+        else:
+            amount = {"ratio": ratio}
+        return _prune(m, example, criterion=criterion, **amount)
+
+    steps: list[tuple[str, Callable[[nn.Module], nn.Module], FineTune]] = []
+    do_prune = any(x is not None for x in (compress_rate, ratio, target_macs))
+    if order == "decompose-prune":
+        if rank is not None:
+            steps.append(("decomposed", decompose_step, decompose_finetune))
+        if do_prune:
+            steps.append(("pruned", prune_step, prune_finetune))
+    else:
+        if do_prune:
+            steps.append(("pruned", prune_step, prune_finetune))
+        if rank is not None:
+            steps.append(("decomposed", decompose_step, decompose_finetune))
+
+    for name, step, recipe in steps:
+        model, record = _run_stage(
+            name, model, step, recipe, loaders, input_size, out=out, resume=resume, device=device, seed=seed,
+            progress=progress, log=log,
+        )
+        stages.append(record)
+        channels[name] = output_channels(model)
+    return CompressionResult(model=model, stages=stages, channels=channels)
+
+
+def _run_stage(
+    name: str,
+    model: nn.Module,
+    step: Callable[[nn.Module], nn.Module],
+    recipe: FineTune,
+    loaders: Loaders,
+    input_size: Sequence[int],
+    *,
+    out: Path | None,
+    resume: bool,
+    device: torch.device,
+    seed: int,
+    progress: bool,
+    log: Callable[[str], None],
+) -> tuple[nn.Module, dict[str, Any]]:
+    folder = out / name if out is not None else None
+    if resume and folder is not None and (folder / "final.pt").exists():
+        checkpoint = load_checkpoint(folder / "final.pt")
+        log(f"{name}: finished in an earlier run ({folder / 'final.pt'})")
+        return model_from_state(checkpoint), dict(checkpoint["metadata"]["stage"])
+    started = time.perf_counter()
+    if resume and folder is not None and (folder / "start.pt").exists():
+        model = model_from_state(load_checkpoint(folder / "start.pt"))
+    else:
+        model = step(model)
+        if folder is not None:
+            save(model, folder / "start.pt", stage=name)
+    before = measure(model, loaders, input_size, device=device, name=name)
+    log(f"{name}: top-1 {before['top1']:.2f}% before fine-tuning, MACs {before['macs']:,}")
+    if recipe.epochs > 0:
+        forms = _use_training_forms(model, input_size, device)
+        try:
+            fit(
+                model, loaders, epochs=recipe.epochs, lr=recipe.lr, momentum=recipe.momentum,
+                weight_decay=recipe.weight_decay, warmup_epochs=recipe.warmup_epochs,
+                label_smoothing=recipe.label_smoothing, amp=recipe.amp, device=device, output_dir=folder,
+                resume=resume and folder is not None and (folder / "last.pt").exists(), seed=seed,
+                progress=progress, args={"stage": name},
+            )
+        finally:
+            _restore_forms(model, forms)
+    model.to("cpu")
+    record = measure(model, loaders, input_size, device=device, name=name)
+    model.to("cpu")
+    record.update(top1_before_finetune=before["top1"], finetune_epochs=recipe.epochs, seconds=time.perf_counter() - started)
+    log(f"{name}: top-1 {record['top1']:.2f}% after {recipe.epochs} fine-tuning epoch(s)")
+    if folder is not None:
+        save(model, folder / "final.pt", stage=record)
+    return model, record
+
+
+def _prune(model: nn.Module, example: torch.Tensor, **kwargs: Any) -> nn.Module:
+    from norton.pruning.engine import prune
+
+    return prune(model, example, **kwargs)
+
+
+def _decomposition_ratio(model: nn.Module, rank: RankSpec, input_size: Sequence[int]) -> float:
+    """MACs after / before decomposing ``model`` at ``rank``, from structure alone (no ALS)."""
+    if not isinstance(rank, int):
+        return 1.0  # rules pick ranks from the weights: no estimate before pruning
+    from norton.decompose import eligible_convs
+
+    probe = copy.deepcopy(model)
+    replay_decompose(probe, {"op": "decompose", "ranks": {name: rank for name in eligible_convs(probe)}})
+    return count_complexity(probe, tuple(input_size)).macs / count_complexity(model, tuple(input_size)).macs
+
+
+def _use_training_forms(model: nn.Module, input_size: Sequence[int], device: torch.device) -> dict[str, str]:
+    """Switch CPDBlocks to their fastest training implementation (same parameters and function)."""
+    if not any(isinstance(m, CPDBlock) for m in model.modules()):
+        return {}
+    from norton.inference import optimize_for_training
+
+    model.to(device)
+    return optimize_for_training(model, torch.zeros(8, *input_size, device=device))
+
+
+def _restore_forms(model: nn.Module, forms: Mapping[str, str]) -> None:
+    if not forms:
+        return
+    from norton.inference import set_training_form
+
+    for name in forms:
+        set_training_form(model.get_submodule(name), "cpd")
