@@ -9,6 +9,13 @@ from typing import Any
 import torch
 
 
+def _default_mode() -> int:
+    # mkstemp creates 0600 files; give the final file what a plain open() would.
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save(obj, path)`` through a temporary file in the same folder, then ``os.replace``.
 
@@ -23,6 +30,7 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
             torch.save(obj, handle)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, _default_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -38,6 +46,7 @@ def atomic_write_text(text: str, path: str | os.PathLike) -> Path:
     try:
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
+        os.chmod(tmp, _default_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
