@@ -1,0 +1,48 @@
+"""``norton prune``: remove filters of a trained (decomposed or plain) model, fine-tune, report.
+
+    norton prune --ckpt runs/r56-decomposed/compressed.pt --target-macs 0.3 --criterion pabs --epochs 10
+    norton prune --ckpt vgg16_r1.pt -cpr "[0.6]*6+[0.8]*7"      # the paper's per-layer rates (zoo models)
+"""
+from __future__ import annotations
+
+import argparse
+
+from norton.cli import _options as options
+from norton.cli.compress import CRITERIA_HELP, run_compression
+from norton.errors import UserError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "prune",
+        help="prune filters of a trained model and fine-tune it",
+        description="Remove whole filters of the model in --ckpt (CPDBlocks and convolutions; residual, "
+        "concatenation and depthwise couplings are kept consistent), chosen by --criterion, then fine-tune "
+        "for --epochs. Say how much with exactly one of -cpr, --ratio, --target-macs.",
+    )
+    options.add_ckpt_option(parser, required=True, help="the trained model (norton file or training checkpoint)")
+    how = parser.add_mutually_exclusive_group(required=True)
+    how.add_argument("-cpr", "--compress_rate", "--compress-rate", dest="compress_rate", default=None, metavar="SPEC",
+                     help="the paper's per-layer rates for a zoo model, e.g. '[0.6]*6+[0.8]*7'")
+    how.add_argument("--ratio", type=float, default=None, help="fraction of filters removed from every prunable layer")
+    how.add_argument("--target-macs", "--target_macs", dest="target_macs", type=float, default=None,
+                     help="fraction of the model's MACs to keep, e.g. 0.5")
+    parser.add_argument("--criterion", default="pabs", help=CRITERIA_HELP)
+    parser.add_argument("--epochs", type=int, default=1, help="fine-tuning epochs (default 1; 0 skips)")
+    parser.add_argument("--lr", dest="finetune_lr", type=float, default=0.01, help="peak fine-tuning learning rate")
+    options.add_data_options(parser, batch_size=128)
+    options.add_run_options(parser)
+    parser.add_argument("--resume", action="store_true", help="continue a killed run in --output")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.epochs < 0:
+        raise UserError(f"--epochs must be 0 or more, got {args.epochs}")
+    args.arch, args.rank, args.order, args.baseline_epochs, args.lr = None, 0, "decompose-prune", None, None
+    args.decompose_epochs, args.prune_epochs = 0, args.epochs
+    summary = run_compression(args, title="norton prune")
+    if args.json:
+        options.print_json(summary)
+    return 0

@@ -1,0 +1,109 @@
+"""The compression commands end to end, on a small Fashion-MNIST subset, and their user errors."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import norton
+from norton.cli.main import main
+from norton.data import find_fashion_mnist
+
+QUICK = ["--limit", "96", "--val_size", "48", "--batch_size", "32", "--workers", "0", "--no-progress", "--device", "cpu"]
+
+
+def one_line_error(capsys, argv: list[str]) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    return err
+
+
+@pytest.mark.slow
+def test_compress_runs_end_to_end_on_fashion_mnist_and_resumes(tmp_path, capsys):
+    assert find_fashion_mnist() is not None, "Debian's dataset-fashion-mnist must be installed (make setup does it)"
+    out = tmp_path / "run"
+    argv = ["compress", "--arch", "resnet_20", "--dataset", "fashion-mnist", "-r", "3", "--target-macs", "0.33",
+            "--baseline-epochs", "1", "--decompose-epochs", "1", "--prune-epochs", "1", "--output", str(out), *QUICK]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "baseline" in printed and "pruned" in printed and "report:" in printed
+
+    summary = json.loads((out / "summary.json").read_text())
+    names = [stage["name"] for stage in summary["stages"]]
+    assert names == ["baseline", "decomposed", "pruned"]
+    baseline, final = summary["stages"][0], summary["stages"][-1]
+    assert final["macs"] == pytest.approx(0.33 * baseline["macs"], rel=0.03)
+    assert final["latency_ms"] > 0 and baseline["latency_ms"] > 0
+    assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
+
+    model = norton.load(out / "compressed.pt")
+    assert any(isinstance(m, norton.CPDBlock) for m in model.modules())
+    assert norton.count_complexity(model, (3, 32, 32)).macs == final["macs"]
+
+    # a run killed during the last stage continues from the finished stages
+    (out / "pruned" / "final.pt").unlink()
+    assert main([*argv, "--resume"]) == 0
+    printed = capsys.readouterr().out
+    assert "decomposed: finished in an earlier run" in printed
+    again = json.loads((out / "summary.json").read_text())
+    assert again["stages"][1] == summary["stages"][1]
+
+
+@pytest.mark.slow
+def test_prune_then_decompose_order_meets_the_target(tmp_path, capsys):
+    argv = ["compress", "--arch", "resnet_20", "--dataset", "synthetic", "-r", "4", "--target-macs", "0.4",
+            "--order", "prune-decompose", "--baseline-epochs", "1", "--decompose-epochs", "0", "--prune-epochs", "0",
+            "--output", str(tmp_path / "r"), "--json", *QUICK]
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert [s["name"] for s in summary["stages"]] == ["baseline", "pruned", "decomposed"]
+    assert summary["stages"][-1]["macs"] / summary["stages"][0]["macs"] == pytest.approx(0.4, abs=0.04)
+
+
+@pytest.mark.slow
+def test_decompose_prune_and_info_commands_on_a_checkpoint(tmp_path, capsys):
+    base = tmp_path / "base"
+    assert main(["train", "--arch", "resnet_20", "--dataset", "synthetic", "--epochs", "1",
+                 "--output", str(base), *QUICK]) == 0
+    capsys.readouterr()
+    assert main(["decompose", "--ckpt", str(base / "best.pt"), "-r", "2", "--epochs", "0",
+                 "--output", str(tmp_path / "d"), *QUICK]) == 0
+    assert main(["prune", "--ckpt", str(tmp_path / "d" / "compressed.pt"), "--ratio", "0.5", "--epochs", "0",
+                 "--criterion", "l1", "--output", str(tmp_path / "p"), *QUICK]) == 0
+    capsys.readouterr()
+    assert main(["info", "--ckpt", str(tmp_path / "p" / "compressed.pt"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["architecture"]["name"] == "resnet_20"
+    assert [step.split()[0] for step in info["plan"]] == ["decompose", "prune"]
+    model = norton.load(tmp_path / "p" / "compressed.pt")
+    assert info["macs"] == norton.count_complexity(model, (3, 32, 32)).macs
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["--target-macs", "1.5"], "target-macs"),
+        (["--ratio", "1.0"], "--ratio"),
+        (["--criterion", "nope", "--ratio", "0.2"], "nope"),
+        (["-r", "-2"], "rank"),
+        (["--decompose-epochs", "-1", "-r", "2"], "decompose-epochs"),
+    ],
+)
+def test_compress_user_errors_are_one_line(capsys, tmp_path, extra, expected):
+    err = one_line_error(capsys, ["compress", "--arch", "resnet_20", "--dataset", "synthetic",
+                                  "--output", str(tmp_path / "x"), *QUICK, *extra])
+    assert expected in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_missing_checkpoint_is_one_line(capsys, tmp_path):
+    err = one_line_error(capsys, ["prune", "--ckpt", str(tmp_path / "missing.pt"), "--ratio", "0.3"])
+    assert "missing.pt" in err
+
+
+def test_info_on_a_file_that_is_not_a_model(capsys, tmp_path):
+    path = tmp_path / "junk.pt"
+    torch.save({"hello": 1}, path)
+    err = one_line_error(capsys, ["info", "--ckpt", str(path)])
+    assert "junk.pt" in err
