@@ -9,7 +9,7 @@ from norton.cpd_block import CPDBlock
 from norton.errors import UserError
 from norton.models import create_model, get_model_entry, list_models, register_model
 
-ZOO = ["densenet_40", "resnet_110", "resnet_50", "resnet_56", "vgg_16_bn", "vgg_19_bn"]
+ZOO = ["densenet_40", "resnet_110", "resnet_20", "resnet_50", "resnet_56", "vgg_16_bn", "vgg_19_bn"]
 
 
 def conv_widths(model: nn.Module) -> dict[str, int]:
@@ -26,6 +26,7 @@ def test_registry_lists_the_paper_models():
     assert {name: (get_model_entry(name).input_size, get_model_entry(name).dataset) for name in ZOO} == {
         "densenet_40": (32, "cifar10"),
         "resnet_110": (32, "cifar10"),
+        "resnet_20": (32, "cifar10"),
         "resnet_50": (224, "imagenet"),
         "resnet_56": (32, "cifar10"),
         "vgg_16_bn": (32, "cifar10"),
@@ -36,7 +37,9 @@ def test_registry_lists_the_paper_models():
 def test_compress_rate_lengths_match_the_reference_scripts():
     # Lengths of the specs in the reference's scripts and README.
     lengths = {name: get_model_entry(name).compress_rate_length for name in ZOO}
-    assert lengths == {"densenet_40": 39, "resnet_110": 57, "resnet_50": 20, "resnet_56": 30, "vgg_16_bn": 13, "vgg_19_bn": 16}
+    assert lengths == {
+        "densenet_40": 39, "resnet_110": 57, "resnet_20": 12, "resnet_50": 20, "resnet_56": 30, "vgg_16_bn": 13, "vgg_19_bn": 16,
+    }
 
 
 def test_duplicate_registration_is_an_error():

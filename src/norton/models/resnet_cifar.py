@@ -53,7 +53,9 @@ class PadShortcut(nn.Module):
 class BasicBlock(nn.Module):
     """``conv3x3 -> BN -> ReLU -> conv3x3 -> BN``, plus the shortcut, then ReLU."""
 
-    def __init__(self, in_channels: int, mid_channels: int, out_channels: int, *, stride: int, rank: int) -> None:
+    def __init__(
+        self, in_channels: int, mid_channels: int, out_channels: int, *, stride: int, rank: int, first_in_stage: bool = False
+    ) -> None:
         super().__init__()
         self.conv1 = conv3x3(in_channels, mid_channels, rank=rank, stride=stride)
         self.bn1 = nn.BatchNorm2d(mid_channels)
@@ -61,7 +63,10 @@ class BasicBlock(nn.Module):
         self.conv2 = conv3x3(mid_channels, out_channels, rank=rank)
         self.bn2 = nn.BatchNorm2d(out_channels)
         self.relu2 = nn.ReLU(inplace=True)
-        if stride != 1 or in_channels != out_channels:
+        # The first block of a stage always gets the (parameter-free) padding shortcut, even
+        # at equal widths: it decouples the stem's width from stage 1's, which the paper's
+        # compress rates truncate differently, so pruning can reach those configurations.
+        if stride != 1 or in_channels != out_channels or first_in_stage:
             self.shortcut: nn.Module = PadShortcut(in_channels, out_channels, stride)
         else:
             self.shortcut = nn.Identity()
@@ -100,7 +105,7 @@ class CifarResNet(nn.Module):
             layer = nn.Sequential()
             for index, (mid, out) in enumerate(blocks):
                 stride = 2 if stage > 0 and index == 0 else 1
-                layer.append(BasicBlock(channels, mid, out, stride=stride, rank=rank))
+                layer.append(BasicBlock(channels, mid, out, stride=stride, rank=rank, first_in_stage=index == 0))
                 channels = out
             self.add_module(f"layer{stage + 1}", layer)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
