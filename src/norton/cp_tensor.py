@@ -21,7 +21,11 @@ def cp_to_tensor(factors: CPFactors) -> Tensor:
 
 
 def relative_error(tensors: Tensor, factors: CPFactors) -> Tensor:
-    """Per-tensor ``||T - [[A, B, C]]||_F / ||T||_F`` as ``(B,)``; 0 where ``T`` is all zero."""
+    """Per-tensor ``||T - [[A, B, C]]||_F / ||T||_F`` as ``(B,)``.
+
+    Where ``T`` is all zero the ratio is undefined; the absolute residual
+    ``||[[A, B, C]]||_F`` is returned instead (0 for zero factors), never NaN.
+    """
     residual = (tensors - cp_to_tensor(factors)).flatten(1).norm(dim=1)
     norm = tensors.flatten(1).norm(dim=1)
     return torch.where(norm > 0, residual / norm.clamp_min(torch.finfo(norm.dtype).tiny), residual)

@@ -216,8 +216,7 @@ class CPDBlock(nn.Module):
         from norton.cp_als import cp_als  # local: keeps the module importable on its own
 
         weight = conv.weight.detach()  # (N, C_in, k_h, k_w)
-        factors, errors = cp_als(weight.float(), rank, n_iter_max=n_iter_max, tol=tol, init=init, seed=seed)
-        factors = tuple(f.to(weight.dtype) for f in factors)
+        factors, errors = cp_als(weight, rank, n_iter_max=n_iter_max, tol=tol, init=init, seed=seed)
         bias = conv.bias.detach() if conv.bias is not None else None
         block = cls.from_factors(
             factors, bias=bias, stride=tuple(conv.stride), padding=conv_padding(conv),

@@ -150,7 +150,7 @@ def decompose(
     bar = tqdm(convs.items(), desc="decompose", unit="layer", disable=not progress, leave=False)
     for name, conv in bar:
         bar.set_postfix_str(name)
-        weight = conv.weight.detach().float()  # (N, C_in, k_h, k_w)
+        weight = conv.weight.detach()  # (N, C_in, k_h, k_w)
 
         def run(r: int) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor]:
             return cp_als(weight, r, n_iter_max=n_iter_max, tol=tol, init=init, seed=seed)
@@ -170,7 +170,7 @@ def decompose(
             continue
         factors, errors = result if result is not None else run(chosen)
         block = CPDBlock.from_factors(
-            tuple(f.to(conv.weight.dtype) for f in factors),
+            factors,
             bias=conv.bias.detach() if conv.bias is not None else None,
             stride=tuple(conv.stride), padding=conv_padding(conv), dilation=tuple(conv.dilation),
             padding_mode=conv.padding_mode,
