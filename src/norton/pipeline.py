@@ -205,16 +205,17 @@ def _run_stage(
         model = step(model)
         if folder is not None:
             save(model, folder / "start.pt", stage=name)
-    # Before fine-tuning only the validation split is scored: it is smaller, and the
-    # number only says how much the step itself cost.
-    check = loaders.val if loaders.val is not None else loaders.test
-    before = evaluate(model.to(device), check, device=device)
-    model.to("cpu")
     split = "validation" if loaders.val is not None else "test"
-    log(f"{name}: {split} top-1 {before['top1']:.2f}% before fine-tuning")
-    if recipe.epochs > 0:
-        forms = _use_training_forms(model, input_size, device)
-        try:
+    # Training forms compute the same function faster (e.g. one dense conv rebuilt
+    # from the factors); they serve the evaluations too, and are undone before
+    # the MACs are counted and the model is saved.
+    forms = _use_training_forms(model, input_size, device)
+    try:
+        # Before fine-tuning only the validation split is scored: it is smaller, and
+        # the number only says how much the step itself cost.
+        before = evaluate(model.to(device), loaders.val if loaders.val is not None else loaders.test, device=device)
+        log(f"{name}: {split} top-1 {before['top1']:.2f}% before fine-tuning")
+        if recipe.epochs > 0:
             fit(
                 model, loaders, epochs=recipe.epochs, lr=recipe.lr, momentum=recipe.momentum,
                 weight_decay=recipe.weight_decay, warmup_epochs=recipe.warmup_epochs,
@@ -222,11 +223,12 @@ def _run_stage(
                 resume=resume and folder is not None and (folder / "last.pt").exists(), seed=seed,
                 progress=progress, args={"stage": name},
             )
-        finally:
-            _restore_forms(model, forms)
+        test = evaluate(model.to(device), loaders.test, device=device)
+    finally:
+        _restore_forms(model, forms)
     model.to("cpu")
-    record = measure(model, loaders, input_size, device=device, name=name)
-    model.to("cpu")
+    record = measure(model, None, input_size, device=device, name=name)
+    record.update(top1=test["top1"], top5=test["top5"], test_loss=test["loss"])
     record.update({f"{split}_top1_before_finetune": before["top1"], "finetune_epochs": recipe.epochs,
                    "seconds": time.perf_counter() - started})
     log(f"{name}: test top-1 {record['top1']:.2f}% after {recipe.epochs} fine-tuning epoch(s), MACs {record['macs']:,}")

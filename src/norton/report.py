@@ -2,7 +2,7 @@
 
 A report is plain data: a list of *stages* (baseline, decomposed, pruned, ...),
 each a dict with ``name``, ``top1``, ``top5``, ``macs``, ``params`` and optional
-``latency_ms`` and ``seconds``, plus per-layer channel counts. Everything here
+``latency_ms`` (CPU, batch 1), ``latency_ms_batch32`` and ``seconds``, plus per-layer channel counts. Everything here
 reads that data and writes files; nothing touches a model.
 """
 from __future__ import annotations
@@ -23,7 +23,8 @@ def format_table(stages: Sequence[Stage]) -> str:
     if not stages:
         return "(no stages)"
     base = stages[0]
-    header = f"{'model':<12} {'top-1 %':>8} {'top-5 %':>8} {'MACs':>10} {'(↓%)':>7} {'params':>9} {'(↓%)':>7} {'CPU ms':>8}"
+    header = (f"{'model':<12} {'top-1 %':>8} {'top-5 %':>8} {'MACs':>10} {'(↓%)':>7} {'params':>9} {'(↓%)':>7} "
+              f"{'ms@1':>7} {'ms@32':>7}")
     lines = [header, "-" * len(header)]
     for stage in stages:
         macs, params = stage.get("macs"), stage.get("params")
@@ -31,7 +32,7 @@ def format_table(stages: Sequence[Stage]) -> str:
             f"{stage['name']:<12} {_num(stage.get('top1'), '.2f'):>8} {_num(stage.get('top5'), '.2f'):>8} "
             f"{_human(macs):>10} {_reduction(macs, base.get('macs')):>7} "
             f"{_human(params):>9} {_reduction(params, base.get('params')):>7} "
-            f"{_num(stage.get('latency_ms'), '.2f'):>8}"
+            f"{_num(stage.get('latency_ms'), '.2f'):>7} {_num(stage.get('latency_ms_batch32'), '.1f'):>7}"
         )
     return "\n".join(lines)
 

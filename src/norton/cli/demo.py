@@ -36,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--baseline-epochs", dest="baseline_epochs", type=int, default=2, help="default 2")
     parser.add_argument("--decompose-epochs", dest="decompose_epochs", type=int, default=1, help="default 1")
     parser.add_argument("--prune-epochs", dest="prune_epochs", type=int, default=2, help="default 2")
-    parser.add_argument("--batch_size", "--batch-size", dest="batch_size", type=int, default=128)
+    parser.add_argument("--batch_size", "--batch-size", dest="batch_size", type=int, default=64, help="default 64")
     parser.add_argument("--data_dir", "--data-dir", dest="data_dir", default=None,
                         help="Fashion-MNIST folder (default: Debian's /usr/share/datasets/fashion-mnist)")
     parser.add_argument("--output", "-o", default="runs/demo", help="report folder (default runs/demo)")
