@@ -11,8 +11,10 @@ setup:
 demo: setup
 	$(VENV)/bin/norton demo
 
+# One intra-op thread: the tests' tiny convolutions gain nothing from more, and
+# the DDP test's worker processes would otherwise oversubscribe the cores.
 test: setup
-	$(PYTHON) -m pytest -q
+	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -q
 
 test-fast: setup
-	$(PYTHON) -m pytest -q -m "not slow"
+	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -q -m "not slow"
