@@ -6,7 +6,7 @@ sum), ``merged`` (pointwise -> one depthwise k x k -> rank sum), ``grouped``
 (pointwise -> ``Conv2d(N*R, N, k, groups=N)``, the rank sum folded in).
 Training (forward + backward, NCHW): the dense conv against the CPDBlock training
 forms of :mod:`norton.inference` (``dense`` = the kernel rebuilt from the factors
-every step by an einsum, then one conv).
+every step by one batched matmul, then one conv).
 
 Training step (``--no-step`` skips it): one SGD step (forward, cross-entropy,
 backward, update) of a CIFAR ResNet-20, dense vs its 3x3 convs as rank-R CPDBlocks

@@ -70,7 +70,7 @@ def test_decompose_prune_and_info_commands_on_a_checkpoint(tmp_path, capsys):
     assert main(["decompose", "--ckpt", str(base / "best.pt"), "-r", "2", "--epochs", "0",
                  "--output", str(tmp_path / "d"), *QUICK]) == 0
     assert main(["prune", "--ckpt", str(tmp_path / "d" / "compressed.pt"), "--ratio", "0.5", "--epochs", "0",
-                 "--criterion", "l1", "--output", str(tmp_path / "p"), *QUICK]) == 0
+                 "--criterion", "l1", "--round-to", "5", "--output", str(tmp_path / "p"), *QUICK]) == 0
     capsys.readouterr()
     assert main(["info", "--ckpt", str(tmp_path / "p" / "compressed.pt"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
@@ -78,6 +78,13 @@ def test_decompose_prune_and_info_commands_on_a_checkpoint(tmp_path, capsys):
     assert [step.split()[0] for step in info["plan"]] == ["decompose", "prune"]
     model = norton.load(tmp_path / "p" / "compressed.pt")
     assert info["macs"] == norton.count_complexity(model, (3, 32, 32)).macs
+    # --round-to 5: every pruned width (16, 32, 64 halved) is rounded to a multiple of 5
+    from norton.pipeline import output_channels
+
+    widths = output_channels(model)
+    baseline_widths = output_channels(norton.load(tmp_path / "d" / "compressed.pt"))
+    pruned = {name: width for name, width in widths.items() if width != baseline_widths[name]}
+    assert pruned and all(width % 5 == 0 for width in pruned.values()), pruned
 
 
 @pytest.mark.parametrize(
@@ -88,6 +95,8 @@ def test_decompose_prune_and_info_commands_on_a_checkpoint(tmp_path, capsys):
         (["--criterion", "nope", "--ratio", "0.2"], "nope"),
         (["-r", "-2"], "rank"),
         (["--decompose-epochs", "-1", "-r", "2"], "decompose-epochs"),
+        (["--round-to", "0", "--ratio", "0.2"], "--round-to"),
+        (["--round-to", "8", "-r", "1", "-cpr", "[0.2]*9"], "--round-to"),
     ],
 )
 def test_compress_user_errors_are_one_line(capsys, tmp_path, extra, expected):

@@ -85,6 +85,7 @@ def compress(
     ratio: float | Mapping[str, float] | None = None,
     target_macs: float | None = None,
     criterion: str = "pabs",
+    round_to: int | None = None,
     order: str = "decompose-prune",
     decompose_finetune: FineTune | None = None,
     prune_finetune: FineTune | None = None,
@@ -107,6 +108,8 @@ def compress(
             pruning). ``target_macs`` is the fraction of the *original* model's MACs
             the final model keeps, whatever the order.
         criterion: pruning criterion name (``pabs``, ``csa``, ``vbd``, ``l1``, ``random``).
+        round_to: make every pruned width a multiple of this (``ratio`` and ``target_macs``;
+            e.g. 16 for the 16-channel blocks of oneDNN and onnxruntime on AVX-512 CPUs).
         order: ``"decompose-prune"`` (NORTON) or ``"prune-decompose"``.
         decompose_finetune, prune_finetune: recipes of the two fine-tuning stages.
         output_dir: where stage folders go; ``None`` writes nothing (no resume).
@@ -153,6 +156,8 @@ def compress(
             amount = {"compress_rate": compress_rate}
         else:
             amount = {"ratio": ratio}
+        if round_to is not None and compress_rate is None:
+            amount["round_to"] = round_to
         return _prune(m, example, criterion=criterion, **amount)
 
     steps: list[tuple[str, Callable[[nn.Module], nn.Module], FineTune]] = []

@@ -50,6 +50,7 @@ def add_compression_options(parser: argparse.ArgumentParser) -> None:
     how.add_argument("--target-macs", "--target_macs", dest="target_macs", type=float, default=None,
                      help="fraction of the baseline's MACs to keep, e.g. 0.33")
     group.add_argument("--criterion", default="pabs", help=CRITERIA_HELP)
+    add_round_to_option(group)
     group.add_argument("--order", default="decompose-prune", choices=("decompose-prune", "prune-decompose"),
                        help="decompose then prune (NORTON, default) or the reverse")
     group.add_argument("--baseline-epochs", dest="baseline_epochs", type=int, default=None,
@@ -62,6 +63,12 @@ def add_compression_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--finetune-lr", dest="finetune_lr", type=float, default=0.01,
                        help="peak learning rate of the fine-tuning stages (default 0.01)")
     group.add_argument("--resume", action="store_true", help="continue a killed run in --output")
+
+
+def add_round_to_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    parser.add_argument("--round-to", "--round_to", dest="round_to", type=int, default=None, metavar="N",
+                        help="keep a multiple of N filters in every pruned layer (with --ratio/--target-macs), "
+                        "e.g. 16: CPU kernels compute channels in blocks of 8 or 16")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -112,7 +119,8 @@ def run_compression(args: argparse.Namespace, *, splits: DataSplits | None = Non
 
     result = compress(
         model, loaders, input_size=splits.input_size, rank=args.rank or None, compress_rate=args.compress_rate,
-        ratio=args.ratio, target_macs=args.target_macs, criterion=args.criterion, order=args.order,
+        ratio=args.ratio, target_macs=args.target_macs, criterion=args.criterion,
+        round_to=args.round_to, order=args.order,
         decompose_finetune=FineTune(epochs=args.decompose_epochs, lr=args.finetune_lr),
         prune_finetune=FineTune(epochs=args.prune_epochs, lr=args.finetune_lr),
         output_dir=output, resume=args.resume, device=device, seed=args.seed, progress=args.progress, log=say,
@@ -125,7 +133,8 @@ def run_compression(args: argparse.Namespace, *, splits: DataSplits | None = Non
     summary = {
         "command": title, "arch": arch, "dataset": splits.name, "rank": args.rank,
         "compress_rate": args.compress_rate, "ratio": args.ratio, "target_macs": args.target_macs,
-        "criterion": args.criterion, "order": args.order, "output": str(output), "model": str(final_path),
+        "criterion": args.criterion, "round_to": args.round_to, "order": args.order, "output": str(output),
+        "model": str(final_path),
         "seconds": time.perf_counter() - started, "stages": result.stages,
     }
     paths = write_report(output, result.stages, channels=result.channels, extra={k: v for k, v in summary.items() if k != "stages"})
@@ -148,6 +157,10 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--target-macs is the fraction of MACs to keep and must lie in (0, 1), got {args.target_macs}")
     if args.compress_rate is not None and (args.ratio is not None or args.target_macs is not None):
         raise UserError("say how much to prune in one way: -cpr, --ratio or --target-macs")
+    if args.round_to is not None and args.round_to < 1:
+        raise UserError(f"--round-to must be a positive number of filters, got {args.round_to}")
+    if args.round_to is not None and args.compress_rate is not None:
+        raise UserError("--round-to applies to --ratio and --target-macs; -cpr fixes every width itself")
     for name in ("decompose_epochs", "prune_epochs"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(args, name)}")

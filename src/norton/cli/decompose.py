@@ -32,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.rank < 1:
         raise UserError(f"-r/--rank must be a positive integer, got {args.rank}")
-    args.arch, args.compress_rate, args.ratio, args.target_macs = None, None, None, None
+    args.arch, args.compress_rate, args.ratio, args.target_macs, args.round_to = None, None, None, None, None
     args.criterion, args.order, args.baseline_epochs, args.lr = "pabs", "decompose-prune", None, None
     args.decompose_epochs, args.prune_epochs = args.epochs, 0
     summary = run_compression(args, title="norton decompose")

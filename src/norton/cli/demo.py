@@ -12,7 +12,7 @@ import argparse
 import sys
 
 from norton.cli import _options as options
-from norton.cli.compress import CRITERIA_HELP, run_compression
+from norton.cli.compress import CRITERIA_HELP, add_round_to_option, run_compression
 from norton.data import build_datasets, find_fashion_mnist
 
 
@@ -29,6 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--target-macs", "--target_macs", dest="target_macs", type=float, default=0.33,
                         help="fraction of the baseline's MACs to keep (default 0.33)")
     parser.add_argument("--criterion", default="pabs", help=CRITERIA_HELP)
+    add_round_to_option(parser)
     parser.add_argument("--limit", type=int, default=8000,
                         help="training images used (default 8000 of 58000); the 10000 test images are all used")
     parser.add_argument("--val_size", "--val-size", dest="val_size", type=int, default=2000,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 
 from norton.cli import _options as options
-from norton.cli.compress import CRITERIA_HELP, run_compression
+from norton.cli.compress import CRITERIA_HELP, add_round_to_option, run_compression
 from norton.errors import UserError
 
 
@@ -28,6 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     how.add_argument("--target-macs", "--target_macs", dest="target_macs", type=float, default=None,
                      help="fraction of the model's MACs to keep, e.g. 0.5")
     parser.add_argument("--criterion", default="pabs", help=CRITERIA_HELP)
+    add_round_to_option(parser)
     parser.add_argument("--epochs", type=int, default=1, help="fine-tuning epochs (default 1; 0 skips)")
     parser.add_argument("--lr", dest="finetune_lr", type=float, default=0.01, help="peak fine-tuning learning rate")
     options.add_data_options(parser, batch_size=128)
