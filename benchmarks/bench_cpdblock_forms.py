@@ -11,7 +11,9 @@ every step by one batched matmul, then one conv).
 Training step (``--no-step`` skips it): one SGD step (forward, cross-entropy,
 backward, update) of a CIFAR ResNet-20, dense vs its 3x3 convs as rank-R CPDBlocks
 computed as written (``cpd``) vs the same model after
-:func:`norton.inference.optimize_for_training` (per-layer fastest form).
+:func:`norton.inference.optimize_for_training` (per-layer fastest form); and the
+same for the README's pruned ResNet-56 and its `--round-to 16` twin (bench_latency.py) against
+the dense ResNet-56.
 
 Every row times its candidates interleaved (see :func:`norton.latency.compare_callables`)
 and reports medians in ms and the ratio to the dense conv (> 1: faster than dense).
@@ -40,6 +42,10 @@ LAYERS = [
     ("CIFAR stage 3", 64, 8, 32, (1, 4, 7)),
     ("VGG-CIFAR wide", 512, 4, 32, (1, 4)),
 ]
+
+# Models of the training-step table, each against its dense architecture: "arch/rank"
+# decomposes every 3x3 conv; the others are bench_latency.py's configurations.
+STEP_MODELS = ["resnet_20/1", "resnet_20/4", "resnet_56", "resnet_56/round16"]
 
 
 def inference_row(channels: int, side: int, batch: int, rank: int, fmt: torch.memory_format, args) -> dict:
@@ -84,15 +90,25 @@ def training_row(channels: int, side: int, batch: int, rank: int, args) -> dict:
     return {k: s.median_ms for k, s in stats.items()}
 
 
-def training_step_row(rank: int, batch: int, args) -> tuple[dict, dict]:
-    """SGD step times of ResNet-20: dense, rank-R CPDBlocks as written, rank-R after optimize_for_training."""
+def step_models(name: str) -> tuple[nn.Module, nn.Module, str]:
+    """``(dense, compressed, how)`` for one entry of ``STEP_MODELS``."""
     from norton.models import create_model
 
+    arch, _, variant = name.partition("/")
+    if variant.isdigit():
+        return create_model(arch), create_model(arch, rank=int(variant)), f"rank {variant}"
+    import bench_latency  # this folder is on sys.path when a script here runs
+
+    return bench_latency.build(name, argparse.Namespace(als_iterations=5))
+
+
+def training_step_row(name: str, batch: int, args) -> tuple[dict, dict, str]:
+    """SGD step times: the dense model, the CPDBlock model as written, and after optimize_for_training."""
     torch.manual_seed(0)
     x = torch.randn(batch, 3, 32, 32)
     target = torch.randint(0, 10, (batch,))
-    dense = create_model("resnet_20").train()
-    decomposed = create_model("resnet_20", rank=rank).train()
+    dense, decomposed, how = step_models(name)
+    dense, decomposed = dense.train(), decomposed.train()
     tuned = copy.deepcopy(decomposed)
     chosen = optimize_for_training(tuned, x)
 
@@ -105,11 +121,11 @@ def training_step_row(rank: int, batch: int, args) -> tuple[dict, dict]:
             optimizer.step()
         return run
 
-    runners = {"dense": step(dense), f"rank {rank} cpd": step(decomposed), f"rank {rank} tuned": step(tuned)}
+    runners = {"dense": step(dense), "cpd": step(decomposed), "tuned": step(tuned)}
     stats = compare_callables(runners, warmup=args.warmup, repeats=max(3, args.repeats // 3))
     from collections import Counter
 
-    return {k: s.median_ms for k, s in stats.items()}, dict(Counter(chosen.values()))
+    return {k: s.median_ms for k, s in stats.items()}, dict(Counter(chosen.values())), how
 
 
 def print_table(title: str, rows: list[tuple[str, dict]], baseline: str) -> None:
@@ -149,11 +165,11 @@ def main() -> None:
                 rows.append((name, training_row(channels, side, batch, rank, args)))
         print_table("Training, forward + backward, NCHW", rows, "dense conv")
     if not args.no_step:
-        print(f"\nTraining step, CIFAR ResNet-20, batch {args.step_batch}, SGD (median ms; dense time / time)")
-        for rank in (1, 4):
-            times, forms = training_step_row(rank, args.step_batch, args)
+        print(f"\nTraining step, batch {args.step_batch}, SGD (median ms; dense time / time)")
+        for name in STEP_MODELS:
+            times, forms, how = training_step_row(name, args.step_batch, args)
             cells = "  ".join(f"{k} {v:.1f} ({times['dense'] / v:.2f}x)" for k, v in times.items())
-            print(f"  {cells}   tuned forms: {forms}")
+            print(f"  {name} ({how}): {cells}   tuned forms: {forms}")
 
 
 if __name__ == "__main__":
