@@ -180,6 +180,28 @@ def test_removal_order_known_answer():
     assert removal_order(-d, similarity=True).tolist() == [1, 2, 0]
 
 
+def _greedy_by_definition(d: torch.Tensor) -> list[int]:
+    """The greedy rule written plainly: O(N^3), totals summed afresh at every step."""
+    alive = list(range(d.shape[0]))
+    order = []
+    while len(alive) > 1:
+        i, j = min(((a, b) for a in alive for b in alive if a < b), key=lambda p: (d[p].item(), p))
+        total_i, total_j = (sum(d[x, y].item() for y in alive if y != x) for x in (i, j))
+        victim = i if total_i < total_j else j  # ties remove the higher index
+        order.append(victim)
+        alive.remove(victim)
+    return order + alive
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_removal_order_follows_the_definition_exactly_including_the_final_tie(seed):
+    # the last two filters always tie (each one's total is the distance between them):
+    # a running total that drifts by rounding used to break that tie at random
+    a = torch.rand(40, 40, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    d = a + a.T
+    assert removal_order(d).tolist() == _greedy_by_definition(d)
+
+
 def test_removal_order_is_a_permutation_and_handles_tiny_inputs():
     x = torch.randn(40, 5, generator=torch.Generator().manual_seed(12))
     assert is_permutation(removal_order(torch.cdist(x, x)), 40)

@@ -322,19 +322,19 @@ def removal_order(distance_matrix: Tensor, *, similarity: bool = False) -> Tenso
     np.fill_diagonal(work, np.inf)  # removed filters become inf rows and columns
     neighbour = work.argmin(1)  # (N,) closest remaining filter of every filter
     nearest = work[np.arange(n), neighbour]  # (N,) its distance
-    totals = base.sum(1)  # (N,) total distance to the remaining filters
     alive = np.ones(n, dtype=bool)
     order = np.empty(n, dtype=np.int64)
     for step in range(n - 1):
         i = int(nearest.argmin())
         j = int(neighbour[i])
-        victim = i if totals[i] < totals[j] else j
+        # totals to the remaining filters, summed afresh: a running total drifts by
+        # rounding, which breaks exact ties (always one at the last step)
+        victim = i if base[i, alive].sum() < base[j, alive].sum() else j
         order[step] = victim
         alive[victim] = False
         work[victim, :] = np.inf
         work[:, victim] = np.inf
         nearest[victim] = np.inf
-        totals -= base[:, victim]
         stale = np.flatnonzero(alive & (neighbour == victim))  # rows whose nearest filter just left
         if stale.size:
             rows = work[stale]  # (S, N)
