@@ -116,3 +116,22 @@ def test_info_on_a_file_that_is_not_a_model(capsys, tmp_path):
     torch.save({"hello": 1}, path)
     err = one_line_error(capsys, ["info", "--ckpt", str(path)])
     assert "junk.pt" in err
+
+
+DEMO_QUICK = ["--limit", "96", "--val_size", "48", "--batch_size", "32", "--baseline-epochs", "1",
+              "--decompose-epochs", "0", "--prune-epochs", "1", "--no-progress", "--device", "cpu"]
+
+
+@pytest.mark.slow
+def test_demo_without_fashion_mnist_says_so_and_uses_the_builtin_data(tmp_path, capsys, monkeypatch):
+    import norton.cli.demo
+
+    monkeypatch.setattr(norton.cli.demo, "find_fashion_mnist", lambda data_dir=None: None)
+    assert main(["demo", "--output", str(tmp_path / "demo"), *DEMO_QUICK]) == 0
+    captured = capsys.readouterr()
+    assert "Fashion-MNIST not found" in captured.err and "synthetic" in captured.err
+    assert "top-1 %" in captured.out and "ms@32" in captured.out  # the before/after table
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert summary["dataset"] == "synthetic" and summary["command"] == "norton demo"
+    baseline, final = summary["stages"][0], summary["stages"][-1]
+    assert final["macs"] == pytest.approx(0.33 * baseline["macs"], rel=0.03)

@@ -30,11 +30,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="fraction of the baseline's MACs to keep (default 0.33)")
     parser.add_argument("--criterion", default="pabs", help=CRITERIA_HELP)
     add_round_to_option(parser)
-    parser.add_argument("--limit", type=int, default=8000,
-                        help="training images used (default 8000 of 58000); the 10000 test images are all used")
+    parser.add_argument("--limit", type=int, default=20000,
+                        help="training images used (default 20000 of 58000); the 10000 test images are all used")
     parser.add_argument("--val_size", "--val-size", dest="val_size", type=int, default=2000,
                         help="training images held out for model selection (default 2000)")
-    parser.add_argument("--baseline-epochs", dest="baseline_epochs", type=int, default=2, help="default 2")
+    parser.add_argument("--baseline-epochs", dest="baseline_epochs", type=int, default=3, help="default 3")
     parser.add_argument("--decompose-epochs", dest="decompose_epochs", type=int, default=1, help="default 1")
     parser.add_argument("--prune-epochs", dest="prune_epochs", type=int, default=2, help="default 2")
     parser.add_argument("--batch_size", "--batch-size", dest="batch_size", type=int, default=64, help="default 64")
