@@ -160,6 +160,52 @@ def test_dead_channels_are_removed_without_changing_outputs(model_cls, decompose
     torch.testing.assert_close(model(x8()), expected, rtol=0, atol=1e-5)
 
 
+def _kill_zoo_channels(model: nn.Module, layer: str, channels: list[int]) -> None:
+    """Zero filter and BN shift/mean of ``channels`` of a CIFAR ResNet layer (``conv1`` -> ``bn1``, ...)."""
+    module, bn = model.get_submodule(layer), model.get_submodule(layer.replace("conv", "bn"))
+    with torch.no_grad():
+        if isinstance(module, CPDBlock):
+            n = module.out_channels
+            module.feature.pointwise.weight[[r * n + c for r in range(module.rank) for c in channels]] = 0
+        else:
+            module.weight[channels] = 0
+        bn.bias[channels] = 0
+        bn.running_mean[channels] = 0
+
+
+@pytest.mark.parametrize("rank", [0, 2])
+def test_dead_channels_through_option_a_shortcuts_leave_outputs_unchanged(rank):
+    """resnet_20's PadShortcuts map the stem into stage 1 (16 -> 16) and each stage into the next
+    (16 -> 32 -> 64, zero channels at both ends): pruned channels must stay aligned through them."""
+    from norton.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("resnet_20", rank=rank).eval()
+    randomize_bn(model)
+    # Dead residual-stream channels: stem 3 and 5, stage 1 channel 3 (its channel 5 stays
+    # alive: only the stem's share of it is dead); stage 2 channel 11 (the shortcut
+    # carries stage 1's channel 3 there) and 0 (zero padding); stage 3 likewise.
+    dead = {"conv1": [3, 5], "layer1": [3], "layer2": [0, 11], "layer3": [1, 27]}
+    _kill_zoo_channels(model, "conv1", dead["conv1"])
+    for stage in ("layer1", "layer2", "layer3"):
+        for block in range(3):
+            _kill_zoo_channels(model, f"{stage}.{block}.conv2", dead[stage])
+            _kill_zoo_channels(model, f"{stage}.{block}.conv1", [block])
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    expected = model(x)
+    ratio = {"conv1": 2 / 16, "layer1.0.conv2": 1 / 16, "layer2.0.conv2": 2 / 32, "layer3.0.conv2": 2 / 64}
+    ratio |= {f"layer{s}.{b}.conv1": 1 / (8 * 2**s) for s in (1, 2, 3) for b in range(3)}
+    prune(model, x, ratio=ratio, criterion=l1_order)
+    removed = model.norton_plan[-1]["removed"]
+    assert removed["conv1"] == dead["conv1"] and removed["layer2.2.conv2"] == dead["layer2"]
+    assert removed["layer3.0.conv2"] == dead["layer3"] and removed["layer1.1.conv1"] == [1]
+    # stage 1 reads the stem through a gather now; stage 2 still through one zero-pad
+    assert model.layer1[0].shortcut.channel_sources.tolist()[:6] == [0, 1, 2, 3, -1, 4]
+    assert model.layer1[0].shortcut._pad is None and model.layer2[0].shortcut._pad == (7, 8)
+    assert model.layer2[0].shortcut.channel_sources.tolist()[:12] == [-1] * 7 + [0, 1, 2, 3, 4]
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-5)
+
+
 def test_residual_coupling_keeps_same_indices_in_every_member():
     torch.manual_seed(0)
     model = TinyResNet(decomposed=True).eval()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -31,23 +32,50 @@ STAGE_WIDTHS = (16, 32, 64)
 
 
 class PadShortcut(nn.Module):
-    """Option-A shortcut: subsample by ``stride``, then zero-pad channels from ``in`` to ``out``.
+    """Option-A shortcut: subsample by ``stride``, then map ``in_channels`` onto ``out_channels``.
 
-    A negative difference crops channels (``F.pad`` with negative padding), as in the reference.
+    Output channel ``j`` carries input channel ``channel_sources[j]``, or zeros
+    where that is -1. A new shortcut is the reference's centred zero-pad (or crop,
+    when ``out < in``). Pruning either side edits the map (see
+    :class:`norton.pruning.plan.ChannelMapPruner`), so every kept channel stays
+    added to the residual-branch channel it was added to before; the map is a
+    non-persistent buffer, rebuilt by replaying the prune record.
     """
+
+    channel_sources: Tensor
 
     def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
         super().__init__()
-        self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
+        self.stride = stride
+        front = (out_channels - in_channels) // 2  # centred; negative: crop
+        sources = [j - front if 0 <= j - front < in_channels else -1 for j in range(out_channels)]
+        self.register_buffer("channel_sources", torch.tensor(sources, dtype=torch.long), persistent=False)
+        self.set_channel_sources(sources, in_channels)
+
+    def set_channel_sources(self, sources: Tensor | Sequence[int], in_channels: int) -> None:
+        """Install a new map ``(C_out,)`` (input index or -1) from ``in_channels`` inputs."""
+        listed = sources.tolist() if isinstance(sources, Tensor) else [int(source) for source in sources]
+        device = self.channel_sources.device
+        self.channel_sources = torch.tensor(listed, dtype=torch.long, device=device)
+        self.in_channels, self.out_channels = int(in_channels), len(listed)
+        # One zero-pad/crop (F.pad, exported as a Pad) when the map is one: output j
+        # takes input j - front wherever that exists. Otherwise a gather.
+        used = [j for j, source in enumerate(listed) if source >= 0]
+        front = used[0] - listed[used[0]] if used else 0
+        as_pad = [j - front if 0 <= j - front < in_channels else -1 for j in range(len(listed))]
+        self._pad = (front, len(listed) - in_channels - front) if used and as_pad == listed else None
 
     def forward(self, x: Tensor) -> Tensor:
         if self.stride != 1:
             x = x[:, :, :: self.stride, :: self.stride]  # (B, C_in, H/s, W/s)
-        extra = self.out_channels - self.in_channels
-        return F.pad(x, (0, 0, 0, 0, extra // 2, extra - extra // 2))  # (B, C_out, H/s, W/s)
+        if self._pad is not None:
+            return F.pad(x, (0, 0, 0, 0, *self._pad))  # (B, C_out, H/s, W/s)
+        index = torch.where(self.channel_sources < 0, self.in_channels, self.channel_sources)  # -1 -> a zero channel
+        return F.pad(x, (0, 0, 0, 0, 0, 1)).index_select(1, index)  # (B, C_out, H/s, W/s)
 
     def extra_repr(self) -> str:
-        return f"{self.in_channels}, {self.out_channels}, stride={self.stride}"
+        mapped = "" if self._pad is not None else ", channels re-mapped by pruning"
+        return f"{self.in_channels}, {self.out_channels}, stride={self.stride}{mapped}"
 
 
 class BasicBlock(nn.Module):

@@ -15,7 +15,7 @@ no dependency graph, no example input and no criterion, and it rebuilds the
 same structure on a freshly built model before a state dict loads.
 
 Layer surgery lives here too: :class:`CPDBlockPruner` (a CPDBlock is pruned as
-one unit) and :class:`ChannelResizePruner` (parameter-free channel re-mappers
+one unit) and :class:`ChannelMapPruner` (parameter-free channel re-mappers
 such as option-A shortcuts), beside torch-pruning's own functions.
 """
 from __future__ import annotations
@@ -98,22 +98,29 @@ class CPDBlockPruner(tp.pruner.function.BasePruningFunc):
         return layer.in_channels
 
 
-class ChannelResizePruner(tp.pruner.function.BasePruningFunc):
-    """Parameter-free modules whose integer ``in_channels``/``out_channels`` attributes set their width.
+class ChannelMapPruner(tp.pruner.function.BasePruningFunc):
+    """Parameter-free channel re-mappers, such as the CIFAR ResNets' option-A shortcuts.
 
-    The protocol covers option-A shortcuts that zero-pad (or crop) channels from
-    ``in_channels`` to ``out_channels``: pruning either side only updates the
-    attribute, and the two sides are not coupled (the padding is re-centred, as in
-    the reference's compressed ResNets, so such a shortcut does not preserve the
-    function across a prune).
+    Protocol: integer ``in_channels`` and ``out_channels``, a ``channel_sources``
+    tensor ``(out_channels,)`` (output channel ``j`` carries input channel
+    ``channel_sources[j]``, zeros where -1) and ``set_channel_sources(sources,
+    in_channels)``. Removing outputs drops their entries; removing inputs turns the
+    entries that read them into -1 and renumbers the rest. Either way every kept
+    channel keeps its value, so the residual additions fed by the shortcut stay
+    aligned. The two sides are not coupled: a shortcut lets the stem and a stage
+    (or two stages) have different widths, as the paper's configurations need.
     """
 
     def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
-        layer.out_channels -= len(idxs)
+        keep = _kept(layer.out_channels, idxs)
+        layer.set_channel_sources(layer.channel_sources.cpu()[keep], layer.in_channels)
         return layer
 
     def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
-        layer.in_channels -= len(idxs)
+        keep = _kept(layer.in_channels, idxs)
+        renumber = torch.full((layer.in_channels + 1,), -1, dtype=torch.long)  # slot -1 (last) stays -1
+        renumber[keep] = torch.arange(keep.numel())
+        layer.set_channel_sources(renumber[layer.channel_sources.cpu()], keep.numel())
         return layer
 
     def get_out_channels(self, layer: nn.Module) -> int:
@@ -124,25 +131,30 @@ class ChannelResizePruner(tp.pruner.function.BasePruningFunc):
 
 
 CPD_BLOCK_PRUNER = CPDBlockPruner()
-CHANNEL_RESIZE_PRUNER = ChannelResizePruner()
+CHANNEL_MAP_PRUNER = ChannelMapPruner()
 
 
-def is_channel_resizer(module: nn.Module) -> bool:
-    """Whether ``module`` follows the channel re-mapper protocol (see :class:`ChannelResizePruner`)."""
+def is_channel_map(module: nn.Module) -> bool:
+    """Whether ``module`` follows the channel re-mapper protocol (see :class:`ChannelMapPruner`)."""
     if isinstance(module, (CPDBlock, nn.modules.conv._ConvNd, nn.Linear)):
         return False
     sizes = (getattr(module, "in_channels", None), getattr(module, "out_channels", None))
     if not all(isinstance(s, int) and not isinstance(s, bool) for s in sizes):
         return False
-    return next(module.parameters(), None) is None and next(module.buffers(), None) is None
+    sources = getattr(module, "channel_sources", None)
+    return (
+        isinstance(sources, Tensor)
+        and callable(getattr(module, "set_channel_sources", None))
+        and next(module.parameters(), None) is None
+    )
 
 
 def customized_pruners(model: nn.Module) -> dict[type, tp.pruner.function.BasePruningFunc]:
     """The torch-pruning pruners norton adds for ``model``: CPDBlock and the channel re-mappers."""
     pruners: dict[type, tp.pruner.function.BasePruningFunc] = {CPDBlock: CPD_BLOCK_PRUNER}
     for module in model.modules():
-        if is_channel_resizer(module):
-            pruners[type(module)] = CHANNEL_RESIZE_PRUNER
+        if is_channel_map(module):
+            pruners[type(module)] = CHANNEL_MAP_PRUNER
     return pruners
 
 
@@ -150,8 +162,8 @@ def layer_pruner(module: nn.Module) -> tp.pruner.function.BasePruningFunc | None
     """The pruning functions for ``module``'s channels, or ``None`` if it has none."""
     if isinstance(module, CPDBlock):
         return CPD_BLOCK_PRUNER
-    if is_channel_resizer(module):
-        return CHANNEL_RESIZE_PRUNER
+    if is_channel_map(module):
+        return CHANNEL_MAP_PRUNER
     return tp.pruner.function.PrunerBox.get(tp.ops.module2type(module))
 
 
