@@ -1,0 +1,58 @@
+"""Benchmark: validation top-1 right after pruning (no fine-tuning), per criterion and amount.
+
+How much a prune costs before fine-tuning repairs it: the model in ``--ckpt`` (by
+default the decomposed ResNet-20 that ``make demo`` leaves in
+``runs/demo/decomposed/final.pt``) is pruned by each criterion to each
+``--target-macs`` fraction of its MACs, and scored on the validation split it was
+selected on (rebuilt from the checkpoint's dataset and seed, as ``norton evaluate
+--split val`` does).
+
+    make demo && .venv/bin/python benchmarks/bench_prune_accuracy.py
+    .venv/bin/python benchmarks/bench_prune_accuracy.py --ckpt runs/demo/baseline/best.pt --target-macs 0.9 0.5
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+
+import torch
+
+from norton.complexity import count_complexity
+from norton.data import build_datasets, build_loaders
+from norton.engine import evaluate
+from norton.latency import environment
+from norton.pruning.engine import prune
+from norton.serialization import load_checkpoint, model_from_state
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ckpt", default="runs/demo/decomposed/final.pt")
+    parser.add_argument("--criteria", nargs="+", default=["pabs", "csa", "vbd", "l1", "random"])
+    parser.add_argument("--target-macs", type=float, nargs="+", default=[0.9, 0.69])
+    parser.add_argument("--val-size", type=int, default=2000, help="as the demo holds out (default 2000)")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    checkpoint = load_checkpoint(args.ckpt)
+    model = model_from_state(checkpoint).eval()
+    dataset = checkpoint["metadata"].get("dataset", "fashion-mnist")
+    splits = build_datasets(dataset, None, val_size=args.val_size, seed=0)
+    loaders = build_loaders(splits, batch_size=500, workers=0, seed=0)
+    size = tuple(splits.input_size)
+    example = torch.zeros(1, *size)
+    env = environment("cpu")
+    print(f"torch {env['torch']}, {env['threads']} threads, device {env['device']}; {args.ckpt} on {dataset} "
+          f"validation ({len(splits.val)} images), {count_complexity(model, size).macs / 1e6:.2f}M MACs")
+    print(f"unpruned: top-1 {evaluate(model, loaders.val, device='cpu', progress=False)['top1']:.2f}%")
+    print(f"{'criterion':<10}" + "".join(f"{f'MACs x{t:g}':>14}" for t in args.target_macs))
+    for criterion in args.criteria:
+        cells = ""
+        for target in args.target_macs:
+            pruned = prune(copy.deepcopy(model), example, target_macs=target, criterion=criterion).eval()
+            cells += f"{evaluate(pruned, loaders.val, device='cpu', progress=False)['top1']:>13.2f}%"
+        print(f"{criterion:<10}{cells}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
