@@ -7,8 +7,11 @@ default the decomposed ResNet-20 that ``make demo`` leaves in
 selected on (rebuilt from the checkpoint's dataset and seed, as ``norton evaluate
 --split val`` does).
 
-    make demo && .venv/bin/python benchmarks/bench_prune_accuracy.py
-    .venv/bin/python benchmarks/bench_prune_accuracy.py --ckpt runs/demo/baseline/best.pt --target-macs 0.9 0.5
+``--layer NAME`` adds a second table: only that layer pruned by ``--layer-ratio``,
+with the mean norm of the filters each criterion removed and kept.
+
+    make demo && .venv/bin/python benchmarks/bench_prune_accuracy.py --layer layer3.1.conv1
+    .venv/bin/python benchmarks/bench_prune_accuracy.py --ckpt other.pt --target-macs 0.9 0.5
 """
 from __future__ import annotations
 
@@ -30,6 +33,8 @@ def main() -> None:
     parser.add_argument("--ckpt", default="runs/demo/decomposed/final.pt")
     parser.add_argument("--criteria", nargs="+", default=["pabs", "csa", "vbd", "l1", "random"])
     parser.add_argument("--target-macs", type=float, nargs="+", default=[0.9, 0.69])
+    parser.add_argument("--layer", default=None, help="also prune only this layer, by --layer-ratio")
+    parser.add_argument("--layer-ratio", type=float, default=0.25)
     parser.add_argument("--val-size", type=int, default=2000, help="as the demo holds out (default 2000)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -52,6 +57,19 @@ def main() -> None:
             pruned = prune(copy.deepcopy(model), example, target_macs=target, criterion=criterion).eval()
             cells += f"{evaluate(pruned, loaders.val, device='cpu', progress=False)['top1']:>13.2f}%"
         print(f"{criterion:<10}{cells}", flush=True)
+    if args.layer is None:
+        return
+    layer = model.get_submodule(args.layer)
+    weight = layer.dense_weight() if hasattr(layer, "dense_weight") else layer.weight
+    norms = weight.detach().flatten(1).norm(dim=1)  # (N,)
+    print(f"\nonly {args.layer} pruned by ratio {args.layer_ratio} ({norms.numel()} filters, mean norm {norms.mean():.3f})")
+    print(f"{'criterion':<10}{'top-1':>9}{'removed norm':>14}{'kept norm':>11}")
+    for criterion in args.criteria:
+        pruned = prune(copy.deepcopy(model), example, ratio={args.layer: args.layer_ratio}, criterion=criterion).eval()
+        removed = torch.zeros(norms.numel(), dtype=torch.bool)
+        removed[pruned.norton_plan[-1]["removed"][args.layer]] = True
+        top1 = evaluate(pruned, loaders.val, device="cpu", progress=False)["top1"]
+        print(f"{criterion:<10}{top1:>8.2f}%{norms[removed].mean():>14.3f}{norms[~removed].mean():>11.3f}", flush=True)
 
 
 if __name__ == "__main__":
