@@ -386,6 +386,7 @@ def test_decompose_then_prune_and_prune_then_decompose_both_replay():
         ({"ratio": {"stem": 0.5, "b1_conv2": 0.25}}, "coupled"),
         ({"ratio": 0.5, "iterative_steps": 0}, "iterative_steps"),
         ({"compress_rate": "[0.5]*8"}, "create_model"),
+        ({"compress_rate": "[0.5]*8", "round_to": 8}, "round_to applies"),
     ],
 )
 def test_bad_arguments_raise_one_line_and_leave_the_model_unchanged(kwargs, message):

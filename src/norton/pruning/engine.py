@@ -147,6 +147,8 @@ def plan_prune(
     _check_int(iterative_steps, "iterative_steps")
     if round_to is not None:
         _check_int(round_to, "round_to")
+        if "compress_rate" in amount:
+            raise UserError("round_to applies to ratio and target_macs; compress_rate fixes every width itself")
     score = _resolve_criterion(criterion)
     work, graph, groups = _traced(model, example_inputs, ignored_layers, prune_linear)
     modules = dict(work.named_modules())
