@@ -57,6 +57,18 @@ def test_dense_weight_is_the_cp_tensor_of_the_factors():
     torch.testing.assert_close(block.dense_weight(), cp_to_tensor(block.factors()))
 
 
+def test_dense_weight_gradient_matches_the_einsum_definition():
+    block = random_block(c_in=6, c_out=4, rank=3, kernel=(3, 5))
+    n, r = block.out_channels, block.rank
+    weights = [conv.weight for conv in block.feature]  # pointwise, vertical, horizontal
+    head, body, tail = (w.reshape(r, n, -1) for w in weights)  # (R, N, C_in), (R, N, k_h), (R, N, k_w)
+    expected = torch.einsum("rnc,rnh,rnw->nchw", head, body, tail)
+    grad = torch.randn_like(expected)
+    for ours, reference in zip(torch.autograd.grad(block.dense_weight(), weights, grad),
+                               torch.autograd.grad(expected, weights, grad)):
+        torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+
+
 def test_factors_round_trip():
     block = random_block(c_in=6, c_out=4, rank=2, kernel=(3, 5))
     factors = tuple(f.clone() for f in block.factors())

@@ -17,7 +17,6 @@ from norton.inference import (
     MergedCPDConv,
     TrainingFormCPDBlock,
     build_form,
-    dense_kernel,
     find_batchnorm_pairs,
     fold_batchnorm,
     form_of,
@@ -138,18 +137,6 @@ def test_training_forms_give_same_outputs_and_factor_gradients(config):
         for name, p in block.named_parameters():
             assert _relative(p.grad, expected[name]) < 1e-4, (form, name)
         assert _relative(x.grad, expected_x) < 1e-4, form
-
-
-@pytest.mark.parametrize("config", BLOCK_CONFIGS)
-def test_dense_kernel_equals_dense_weight_and_its_gradient(config):
-    block = _random_block(config)
-    expected = block.dense_weight()
-    actual = dense_kernel(block)
-    assert actual.shape == expected.shape and _relative(actual, expected) < 1e-5
-    grad = torch.randn_like(expected)
-    (reference,) = torch.autograd.grad(expected, block.feature.pointwise.weight, grad)
-    (ours,) = torch.autograd.grad(actual, block.feature.pointwise.weight, grad)
-    assert _relative(ours, reference) < 1e-5
 
 
 def test_training_form_keeps_parameters_and_state_dict_keys():
