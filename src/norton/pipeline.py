@@ -121,8 +121,9 @@ def compress(
         raise UserError("say how much to prune in one way: compress_rate, ratio or target_macs")
     if target_macs is not None and not 0 < target_macs < 1:
         raise UserError(f"target_macs is the fraction of MACs to keep and must lie in (0, 1), got {target_macs}")
-    if round_to is not None and compress_rate is not None:  # prune() says so too, but only after decomposing
-        raise UserError("round_to applies to ratio and target_macs; compress_rate fixes every width itself")
+    from norton.pruning.engine import check_round_to
+
+    check_round_to(round_to, compress_rate)  # prune() checks too, but only after decomposing
     if rank is None and compress_rate is None and ratio is None and target_macs is None:
         raise UserError("nothing to do: give a rank, a compress rate, a ratio or a target")
     device = resolve_device(device)

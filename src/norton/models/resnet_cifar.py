@@ -31,6 +31,11 @@ from norton.models._registry import register_model
 STAGE_WIDTHS = (16, 32, 64)
 
 
+def _pad_map(front: int, in_channels: int, out_channels: int) -> list[int]:
+    """The channel map of ``F.pad`` by ``front`` channels (negative: crop): output j reads input j - front."""
+    return [j - front if 0 <= j - front < in_channels else -1 for j in range(out_channels)]
+
+
 class PadShortcut(nn.Module):
     """Option-A shortcut: subsample by ``stride``, then map ``in_channels`` onto ``out_channels``.
 
@@ -47,8 +52,7 @@ class PadShortcut(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
         super().__init__()
         self.stride = stride
-        front = (out_channels - in_channels) // 2  # centred; negative: crop
-        sources = [j - front if 0 <= j - front < in_channels else -1 for j in range(out_channels)]
+        sources = _pad_map((out_channels - in_channels) // 2, in_channels, out_channels)  # centred
         self.register_buffer("channel_sources", torch.tensor(sources, dtype=torch.long), persistent=False)
         self.set_channel_sources(sources, in_channels)
 
@@ -62,8 +66,8 @@ class PadShortcut(nn.Module):
         # takes input j - front wherever that exists. Otherwise a gather.
         used = [j for j, source in enumerate(listed) if source >= 0]
         front = used[0] - listed[used[0]] if used else 0
-        as_pad = [j - front if 0 <= j - front < in_channels else -1 for j in range(len(listed))]
-        self._pad = (front, len(listed) - in_channels - front) if used and as_pad == listed else None
+        is_pad = bool(used) and _pad_map(front, in_channels, len(listed)) == listed
+        self._pad = (front, len(listed) - in_channels - front) if is_pad else None
 
     def forward(self, x: Tensor) -> Tensor:
         if self.stride != 1:

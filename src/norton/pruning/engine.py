@@ -125,6 +125,15 @@ def prune(
     return replay_prune(model, record)
 
 
+def check_round_to(round_to: int | None, compress_rate: Any) -> None:
+    """``round_to`` is a positive int and is not combined with ``compress_rate`` (which fixes every width)."""
+    if round_to is None:
+        return
+    _check_int(round_to, "round_to")
+    if compress_rate is not None:
+        raise UserError("round_to applies to ratio and target_macs; compress_rate fixes every width itself")
+
+
 def plan_prune(
     model: nn.Module,
     example_inputs: ExampleInputs,
@@ -145,10 +154,7 @@ def plan_prune(
     """
     amount = _check_amount(ratio, compress_rate, target_macs)
     _check_int(iterative_steps, "iterative_steps")
-    if round_to is not None:
-        _check_int(round_to, "round_to")
-        if "compress_rate" in amount:
-            raise UserError("round_to applies to ratio and target_macs; compress_rate fixes every width itself")
+    check_round_to(round_to, compress_rate)
     score = _resolve_criterion(criterion)
     work, graph, groups = _traced(model, example_inputs, ignored_layers, prune_linear)
     modules = dict(work.named_modules())
