@@ -4,8 +4,8 @@ Every 3x3 convolution of the zoo's ``vgg_16_bn`` (CIFAR VGG-16-BN, 13 layers,
 4224 filters; random init, since no pretrained weights exist here) is decomposed
 filter by filter at CP rank 8:
 
-* ``norton batched``: ``norton.cp_als.cp_als_many`` on all layers in one call;
-* ``norton per layer``: ``norton.cp_als.cp_als`` once per layer (what
+* ``norton batched``: ``norton.decomposition.cp_als.cp_als_many`` on all layers in one call;
+* ``norton per layer``: ``norton.decomposition.cp_als.cp_als`` once per layer (what
   ``CPDBlock.from_conv`` does);
 * ``tensorly``: the reference implementation's loop, ``parafac(W[n], rank=8,
   n_iter_max=300, init='random')`` per filter with tensorly's pytorch backend.
@@ -34,7 +34,7 @@ import torch
 from tensorly.decomposition import parafac
 from torch import nn
 
-from norton.cp_als import cp_als, cp_als_many
+from norton.decomposition.cp_als import cp_als, cp_als_many
 from norton.models import create_model
 
 
@@ -163,7 +163,7 @@ def main() -> None:
     print(f"tensorly loop over all {filters} filters{' (extrapolated)' if extrapolated else ''}: {ref_total:.1f} s")
     print(f"mean relative error on the {len(all_ours)} compared filters: norton {statistics.fmean(all_ours):.5f}, "
           f"tensorly {statistics.fmean(all_ref):.5f}")
-    print(f"\nnorton batched, error vs sweep budget (tol=0: every filter runs every sweep; one run each):")
+    print("\nnorton batched, error vs sweep budget (tol=0: every filter runs every sweep; one run each):")
     print(f"{'n_iter_max':>10} {'seconds':>8} {'mean err (all)':>15} {'mean err (sampled)':>19}   "
           f"tensorly (sampled): {statistics.fmean(all_ref):.5f}")
     for n_iter_max, seconds, every, sampled in budgets:

@@ -25,7 +25,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-from norton.cpd_block import CPDBlock  # noqa: E402
+from norton.decomposition.cpd_block import CPDBlock  # noqa: E402
 from norton.pruning.criteria import (  # noqa: E402
     SubspaceCriterion,
     filter_removal_order,

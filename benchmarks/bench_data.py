@@ -20,7 +20,14 @@ import time
 import torch
 from torchvision.transforms import v2
 
-from norton.data import _STATS, TensorImageDataset, build_datasets, build_loaders, build_transforms, synthetic_images
+from norton.training.data import (
+    _STATS,
+    TensorImageDataset,
+    build_datasets,
+    build_loaders,
+    build_transforms,
+    synthetic_images,
+)
 
 
 def median_seconds(fn, *, repeats: int, warmup: int = 1) -> tuple[float, float]:

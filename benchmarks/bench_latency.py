@@ -6,7 +6,7 @@ Models (random weights: timing does not depend on them):
 * ``resnet_56 -r 7 -cpr [0.]+[0.12]*2+[0.4]*27`` (README: 73.22M MACs, 42% reduction;
   the configuration of the reference's ``scripts/decompose/resnet_56.sh`` "moderate"), CIFAR;
 * ``resnet_50 -r 1 -cpr [0.]+[0.1]*2+[0.4]*5+[0.75]*12`` (README: 0.92G MACs, 78%), 224x224;
-* ``torchvision.resnet18``: ``norton.decompose`` at rank 8 (every 3x3 conv; the 7x7 stem
+* ``torchvision.resnet18``: ``norton.decomposition.decompose`` at rank 8 (every 3x3 conv; the 7x7 stem
   stays dense) then ``norton.prune`` (pabs) with ``target_macs`` chosen so the result
   keeps 50% of the dense model's MACs;
 * ``resnet_56/round16``: ``resnet_56`` decomposed at rank 7, then pruned (pabs) to the
@@ -40,9 +40,9 @@ import torch
 from torch import nn
 
 from norton.complexity import count_complexity
-from norton.export import export_onnx, onnxruntime_runner, onnxruntime_session
-from norton.inference import optimize_for_inference
-from norton.latency import compare_callables, environment, torch_runner
+from norton.deploy.export import export_onnx, onnxruntime_runner, onnxruntime_session
+from norton.deploy.inference import optimize_for_inference
+from norton.deploy.timing import compare_callables, environment, torch_runner
 from norton.models import create_model
 
 CONFIGS = {
@@ -63,7 +63,7 @@ def build(name: str, args) -> tuple[nn.Module, nn.Module, str]:
         baseline = create_model(arch)
         compressed = create_model(arch, compress_rate=config["compress_rate"], rank=config["rank"])
         return baseline.eval(), compressed.eval(), f"-r {config['rank']} -cpr {config['compress_rate']}"
-    from norton.decompose import decompose
+    from norton.decomposition.decompose import decompose
     from norton.pruning.engine import prune
 
     side, rank = config["side"], config["rank"]

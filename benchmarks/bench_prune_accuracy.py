@@ -21,11 +21,11 @@ import copy
 import torch
 
 from norton.complexity import count_complexity
-from norton.data import build_datasets, build_loaders
-from norton.engine import evaluate
-from norton.latency import environment
+from norton.deploy.timing import environment
 from norton.pruning.engine import prune
 from norton.serialization import load_checkpoint, model_from_state
+from norton.training.data import build_datasets, build_loaders
+from norton.training.loop import evaluate
 
 
 def main() -> None:

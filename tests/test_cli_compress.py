@@ -1,13 +1,12 @@
 """The compression commands end to end, on a small Fashion-MNIST subset, and their user errors."""
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 import norton
 from norton.cli.main import main
-from norton.data import find_fashion_mnist
+from norton.training.data import find_fashion_mnist
 
 QUICK = ["--limit", "96", "--val_size", "48", "--batch_size", "32", "--workers", "0", "--no-progress", "--device", "cpu"]
 

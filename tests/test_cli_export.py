@@ -81,7 +81,7 @@ def test_export_optimize_reaches_the_library(tmp_path, capsys, monkeypatch):
         seen["shape"] = tuple(example.shape)
         return model
 
-    monkeypatch.setattr("norton.inference.optimize_for_inference", fake_optimize)
+    monkeypatch.setattr("norton.deploy.inference.optimize_for_inference", fake_optimize)
     assert main(["export", *ZOO, "--optimize", "--batch-size", "4", "--output", str(tmp_path / "o.onnx")]) == 0
     assert seen["shape"] == (4, 3, 8, 8)
 
@@ -102,16 +102,16 @@ def test_benchmark_json_side_by_side(capsys):
 
 
 def test_benchmark_table_and_options_reach_the_library(capsys, monkeypatch):
-    import norton.latency
+    import norton.deploy.timing
 
     seen = {}
-    real = norton.latency.compare_models
+    real = norton.deploy.timing.compare_models
 
     def spy(models, shape, **kwargs):
         seen.update(kwargs, names=sorted(models), shape=tuple(shape))
         return real(models, shape, **{**kwargs, "optimize": False})
 
-    monkeypatch.setattr(norton.latency, "compare_models", spy)
+    monkeypatch.setattr(norton.deploy.timing, "compare_models", spy)
     assert main(["benchmark", *ZOO, "--batch-size", "3", "--warmup", "0", "--repeats", "1", "--optimize",
                  "--runtime", "onnxruntime"]) == 0
     assert seen["optimize"] is True and seen["runtime"] == "onnxruntime" and seen["batch_sizes"] == [3]

@@ -10,8 +10,8 @@ import torch
 from tensorly.decomposition import parafac
 from torch import nn
 
-from norton.cp_als import compress_head, cp_als, cp_als_many
-from norton.cp_tensor import cp_to_tensor, relative_error
+from norton.decomposition.cp_als import compress_head, cp_als, cp_als_many
+from norton.decomposition.cp_tensor import cp_to_tensor, relative_error
 from norton.errors import UserError
 
 
@@ -120,7 +120,7 @@ def test_all_zero_tensors_give_zero_factors_and_zero_error():
 
 def test_a_broken_step_is_never_taken(monkeypatch):
     # if every solve failed (NaN), the start (head factor 0) must come back, not NaN
-    monkeypatch.setattr(importlib.import_module("norton.cp_als"), "_solve", lambda rhs, gram: rhs * float("nan"))
+    monkeypatch.setattr(importlib.import_module("norton.decomposition.cp_als"), "_solve", lambda rhs, gram: rhs * float("nan"))
     filters = conv_filters(16, 4)
     factors, errors = cp_als(filters, 3)
     assert all(torch.isfinite(f).all() for f in factors)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from norton.cp_tensor import cp_to_tensor, relative_error
+from norton.decomposition.cp_tensor import cp_to_tensor, relative_error
 
 
 def random_factors(batch=3, shape=(4, 3, 2), rank=5, dtype=torch.float32, seed=0):

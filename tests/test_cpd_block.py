@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from norton.cp_tensor import cp_to_tensor
-from norton.cpd_block import CPDBlock, check_decomposable
+from norton.decomposition.cp_tensor import cp_to_tensor
+from norton.decomposition.cpd_block import CPDBlock, check_decomposable
 
 
 def random_block(c_in=5, c_out=4, rank=3, kernel=(3, 3), *, bias=True, seed=0, **kwargs) -> CPDBlock:

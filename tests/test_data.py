@@ -1,4 +1,4 @@
-"""Tests for norton.data: on-disk formats written here, splits, transforms, loaders, errors."""
+"""Tests for norton.training.data: on-disk formats written here, splits, transforms, loaders, errors."""
 from __future__ import annotations
 
 import gzip
@@ -10,8 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-import norton.data as data
-from norton.data import (
+import norton.training.data as data
+from norton.errors import UserError
+from norton.training.data import (
     DataSplits,
     ShardSampler,
     build_datasets,
@@ -21,7 +22,6 @@ from norton.data import (
     split_indices,
     synthetic_images,
 )
-from norton.errors import UserError
 
 CIFAR10_MEAN = torch.tensor([0.4914, 0.4822, 0.4465]).view(3, 1, 1)
 CIFAR10_STD = torch.tensor([0.2023, 0.1994, 0.2010]).view(3, 1, 1)

@@ -11,8 +11,8 @@ import textwrap
 import pytest
 import torch
 
-from norton.data import build_datasets, build_loaders
-from norton.engine import evaluate, load_checkpoint
+from norton.training.data import build_datasets, build_loaders
+from norton.training.loop import evaluate, load_checkpoint
 
 VAL_SIZE = 51  # odd: two shards of 26 and 25, where a padding sampler would count one image twice
 
@@ -21,8 +21,8 @@ SCRIPT = textwrap.dedent(
     import json, sys
     import torch
     from torch import nn
-    from norton.data import build_datasets, build_loaders
-    from norton.engine import cleanup_distributed, fit, init_distributed
+    from norton.training.data import build_datasets, build_loaders
+    from norton.training.loop import cleanup_distributed, fit, init_distributed
 
 
     def tiny_cnn():

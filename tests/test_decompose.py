@@ -6,8 +6,8 @@ import torch
 import torchvision
 from torch import nn
 
-from norton.cpd_block import CPDBlock
-from norton.decompose import MaxError, decompose, eligible_convs, format_report, replay_decompose
+from norton.decomposition.cpd_block import CPDBlock
+from norton.decomposition.decompose import MaxError, decompose, eligible_convs, format_report, replay_decompose
 from norton.errors import UserError
 
 
@@ -68,7 +68,7 @@ def test_replay_survives_a_fresh_process(tmp_path):
 import torch, sys
 sys.path.insert(0, {str(__import__('pathlib').Path(__file__).parent)!r})
 from test_decompose import small_net
-from norton.decompose import replay_decompose
+from norton.decomposition.decompose import replay_decompose
 saved = torch.load({str(tmp_path / 'm.pt')!r}, weights_only=True)
 model = small_net()
 for record in saved['plan']:

@@ -1,4 +1,4 @@
-"""Tests for norton.engine: metrics on known answers, the schedule, fit, checkpoints and resume."""
+"""Tests for norton.training.loop: metrics on known answers, the schedule, fit, checkpoints and resume."""
 from __future__ import annotations
 
 import json
@@ -9,8 +9,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from norton.data import build_datasets, build_loaders
-from norton.engine import (
+from norton.errors import UserError
+from norton.training.data import build_datasets, build_loaders
+from norton.training.loop import (
     CHECKPOINT_FORMAT,
     WarmupCosine,
     build_optimizer,
@@ -21,7 +22,6 @@ from norton.engine import (
     model_from_checkpoint,
     train_one_epoch,
 )
-from norton.errors import UserError
 
 
 def tiny_cnn(seed: int = 0) -> nn.Module:

@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from norton.cpd_block import CPDBlock
+from norton.decomposition.cpd_block import CPDBlock
+from norton.deploy.export import ExportCheckError, export_onnx, export_torchscript
+from norton.deploy.inference import optimize_for_inference
 from norton.errors import UserError
-from norton.export import ExportCheckError, export_onnx, export_torchscript
-from norton.inference import optimize_for_inference
 
 
 def _model() -> nn.Module:

@@ -8,9 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from norton.cpd_block import CPDBlock
-from norton.errors import UserError
-from norton.inference import (
+from norton.decomposition.cpd_block import CPDBlock
+from norton.deploy.inference import (
     INFERENCE_FORMS,
     TRAINING_FORMS,
     GroupedCPDConv,
@@ -25,7 +24,8 @@ from norton.inference import (
     replay_optimize,
     set_training_form,
 )
-from norton.latency import LatencyStats, compare_callables, peak_memory_bytes
+from norton.deploy.timing import LatencyStats, compare_callables, peak_memory_bytes
+from norton.errors import UserError
 
 # (in, out, rank, kernel, stride, padding, dilation, bias, padding_mode)
 BLOCK_CONFIGS = [
@@ -326,7 +326,7 @@ def test_optimize_zoo_model_after_pruning_and_decomposition():
 
 
 def test_optimize_torchvision_model_with_decomposed_layers():
-    from norton.decompose import replay_decompose
+    from norton.decomposition.decompose import replay_decompose
     from norton.models import create_model
 
     model = create_model("torchvision.resnet18", num_classes=10)

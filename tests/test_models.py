@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from norton.cpd_block import CPDBlock
+from norton.decomposition.cpd_block import CPDBlock
 from norton.errors import UserError
 from norton.models import create_model, get_model_entry, list_models, register_model
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from norton.cpd_block import CPDBlock
+from norton.decomposition.cpd_block import CPDBlock
 from norton.errors import UserError
 from norton.pruning import criteria
 from norton.pruning.criteria import (

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from norton.complexity import count_complexity
-from norton.cpd_block import CPDBlock
+from norton.decomposition.cpd_block import CPDBlock
 from norton.errors import UserError
 from norton.pruning.engine import coupled_groups, plan_prune, prune
 from norton.pruning.plan import replay_prune
@@ -344,7 +344,7 @@ def test_replay_rejects_records_that_do_not_fit():
 
 # ------------------------------------------------------- decompose/prune orders
 def test_decompose_then_prune_and_prune_then_decompose_both_replay():
-    from norton.decompose import replay_decompose
+    from norton.decomposition.decompose import replay_decompose
 
     def decompose_by_hand(model: nn.Module) -> None:
         """Structure-only decomposition (fresh rank-2 CPDBlocks, no ALS) with its plan record."""
@@ -487,7 +487,7 @@ def test_compress_rate_that_splits_coupled_channels_is_refused(monkeypatch):
 
 
 def _decompose_3x3(model: nn.Module, rank: int = 2) -> None:
-    from norton.decompose import replay_decompose
+    from norton.decomposition.decompose import replay_decompose
 
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
     names = [n for n in names if model.get_submodule(n).groups == 1]

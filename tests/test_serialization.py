@@ -24,8 +24,8 @@ from norton.serialization import (
 
 
 def decompose_by_hand(model: nn.Module, rank: int = 2) -> None:
-    """Structure-only decomposition of the 3x3 convs (no ALS), recorded in the plan like norton.decompose."""
-    from norton.decompose import replay_decompose
+    """Structure-only decomposition of the 3x3 convs (no ALS), recorded in the plan like norton.decomposition.decompose."""
+    from norton.decomposition.decompose import replay_decompose
 
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
     replay_decompose(model, {"op": "decompose", "ranks": {name: rank for name in names}})

@@ -12,20 +12,15 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-# Eager, because these functions share their module's name: once the submodule
-# is imported anywhere, the package attribute would otherwise be the module.
-from norton.cp_als import cp_als  # noqa: E402
-from norton.decompose import decompose  # noqa: E402
-
 # public name -> module that defines it
 _EXPORTS = {
-    "CPDBlock": "norton.cpd_block",
-    "cp_als": "norton.cp_als",
-    "cp_als_many": "norton.cp_als",
-    "cp_to_tensor": "norton.cp_tensor",
-    "decompose": "norton.decompose",
-    "MaxError": "norton.decompose",
-    "replay_decompose": "norton.decompose",
+    "CPDBlock": "norton.decomposition.cpd_block",
+    "cp_als": "norton.decomposition.cp_als",
+    "cp_als_many": "norton.decomposition.cp_als",
+    "cp_to_tensor": "norton.decomposition.cp_tensor",
+    "decompose": "norton.decomposition.decompose",
+    "MaxError": "norton.decomposition.decompose",
+    "replay_decompose": "norton.decomposition.decompose",
     "create_model": "norton.models",
     "list_models": "norton.models",
     "get_model_entry": "norton.models",
@@ -46,15 +41,15 @@ _EXPORTS = {
     "load_reference_checkpoint": "norton.serialization",
     "model_state": "norton.serialization",
     "model_from_state": "norton.serialization",
-    "build_datasets": "norton.data",
-    "build_loaders": "norton.data",
-    "fit": "norton.engine",
-    "evaluate": "norton.engine",
-    "train_one_epoch": "norton.engine",
+    "build_datasets": "norton.training.data",
+    "build_loaders": "norton.training.data",
+    "fit": "norton.training.loop",
+    "evaluate": "norton.training.loop",
+    "train_one_epoch": "norton.training.loop",
     "compress": "norton.pipeline",
-    "optimize_for_inference": "norton.inference",
-    "optimize_for_training": "norton.inference",
-    "export_onnx": "norton.export",
+    "optimize_for_inference": "norton.deploy.inference",
+    "optimize_for_training": "norton.deploy.inference",
+    "export_onnx": "norton.deploy.export",
     "UserError": "norton.errors",
 }
 

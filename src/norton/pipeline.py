@@ -21,12 +21,12 @@ import torch
 from torch import nn
 
 from norton.complexity import count_complexity
-from norton.cpd_block import CPDBlock
-from norton.data import Loaders
-from norton.decompose import RankSpec, decompose, replay_decompose
-from norton.engine import evaluate, fit, resolve_device
+from norton.decomposition.cpd_block import CPDBlock
+from norton.decomposition.decompose import RankSpec, decompose, replay_decompose
 from norton.errors import UserError
 from norton.serialization import load_checkpoint, model_from_state, save
+from norton.training.data import Loaders
+from norton.training.loop import evaluate, fit, resolve_device
 
 ORDERS = ("decompose-prune", "prune-decompose")
 
@@ -103,7 +103,7 @@ def compress(
         loaders: train/val/test loaders; the best fine-tuning epoch is chosen on
             ``val``, the reported accuracies are on ``test``.
         input_size: ``(C, H, W)`` of one image, for MACs and tracing.
-        rank: CP rank (or rule, see :func:`norton.decompose.decompose`); ``None`` skips decomposition.
+        rank: CP rank (or rule, see :func:`norton.decomposition.decompose.decompose`); ``None`` skips decomposition.
         compress_rate, ratio, target_macs: how much to prune (at most one; none skips
             pruning). ``target_macs`` is the fraction of the *original* model's MACs
             the final model keeps, whatever the order.
@@ -253,7 +253,7 @@ def _decomposition_ratio(model: nn.Module, rank: RankSpec, input_size: Sequence[
     """MACs after / before decomposing ``model`` at ``rank``, from structure alone (no ALS)."""
     if not isinstance(rank, int):
         return 1.0  # rules pick ranks from the weights: no estimate before pruning
-    from norton.decompose import eligible_convs
+    from norton.decomposition.decompose import eligible_convs
 
     probe = copy.deepcopy(model)
     replay_decompose(probe, {"op": "decompose", "ranks": {name: rank for name in eligible_convs(probe)}})
@@ -264,7 +264,7 @@ def _use_training_forms(model: nn.Module, input_size: Sequence[int], device: tor
     """Switch CPDBlocks to their fastest training implementation (same parameters and function)."""
     if not any(isinstance(m, CPDBlock) for m in model.modules()):
         return {}
-    from norton.inference import optimize_for_training
+    from norton.deploy.inference import optimize_for_training
 
     model.to(device)
     return optimize_for_training(model, torch.zeros(8, *input_size, device=device))
@@ -273,7 +273,7 @@ def _use_training_forms(model: nn.Module, input_size: Sequence[int], device: tor
 def _restore_forms(model: nn.Module, forms: Mapping[str, str]) -> None:
     if not forms:
         return
-    from norton.inference import set_training_form
+    from norton.deploy.inference import set_training_form
 
     for name in forms:
         set_training_form(model.get_submodule(name), "cpd")

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from norton.cpd_block import CPDBlock
+from norton.decomposition.cpd_block import CPDBlock
 from norton.errors import UserError
 from norton.io import atomic_save
 
@@ -74,7 +74,7 @@ def model_from_state(state: Mapping[str, Any]) -> nn.Module:
 
 def build_from_plan(architecture: Mapping[str, Any], plan: Sequence[Mapping[str, Any]]) -> nn.Module:
     """``create_model(**architecture)`` with ``plan`` replayed on it (fresh weights, final structure)."""
-    from norton.decompose import replay_decompose
+    from norton.decomposition.decompose import replay_decompose
     from norton.models import create_model
     from norton.pruning.plan import replay_prune
 

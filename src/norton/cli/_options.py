@@ -23,10 +23,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from norton.data import DATASETS, DataSplits, build_datasets
-from norton.engine import RECIPES, is_training_checkpoint, model_from_checkpoint, recipe_for
 from norton.errors import UserError
 from norton.serialization import load, load_reference_checkpoint
+from norton.training.data import DATASETS, DataSplits, build_datasets
+from norton.training.loop import RECIPES, is_training_checkpoint, model_from_checkpoint, recipe_for
 
 # --------------------------------------------------------------------------- options
 

@@ -74,8 +74,8 @@ def load_baseline(args: argparse.Namespace, compressed: nn.Module) -> nn.Module 
 
 def run(args: argparse.Namespace) -> int:
     from norton.complexity import count_complexity
-    from norton.engine import resolve_device
-    from norton.latency import RUNTIMES, compare_models, environment
+    from norton.deploy.timing import RUNTIMES, compare_models, environment
+    from norton.training.loop import resolve_device
 
     if args.runtime not in RUNTIMES:
         raise UserError(f"unknown --runtime {args.runtime!r}: use torch or onnxruntime")

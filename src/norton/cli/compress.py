@@ -18,8 +18,8 @@ from typing import Any
 import torch
 
 from norton.cli import _options as options
-from norton.data import DataSplits, build_loaders
 from norton.errors import UserError
+from norton.training.data import DataSplits, build_loaders
 
 CRITERIA_HELP = "pruning criterion: pabs (the paper's), csa, vbd, l1 or random (default pabs)"
 
@@ -82,10 +82,10 @@ def run(args: argparse.Namespace) -> int:
 
 def run_compression(args: argparse.Namespace, *, splits: DataSplits | None = None, title: str = "norton compress") -> dict[str, Any]:
     """Everything ``compress`` and ``demo`` share; returns the JSON summary and prints the table."""
-    from norton.engine import fit, resolve_device, seed_everything
     from norton.pipeline import FineTune, compress
     from norton.report import format_table, write_report
     from norton.serialization import save
+    from norton.training.loop import fit, resolve_device, seed_everything
 
     started = time.perf_counter()
     _check_args(args)
@@ -171,7 +171,7 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def _latency(baseline: torch.nn.Module, compressed: torch.nn.Module, input_size) -> dict[int, dict[str, float]]:
     """Median CPU latency (ms) of both models, each in its fastest inference form, at batch 1 and 32."""
-    from norton.latency import compare_models
+    from norton.deploy.timing import compare_models
 
     timings = compare_models({"baseline": baseline, "compressed": compressed}, input_size, batch_sizes=(1, 32),
                              device="cpu", optimize=True, repeats=20, memory=False)

@@ -13,7 +13,7 @@ import sys
 
 from norton.cli import _options as options
 from norton.cli.compress import CRITERIA_HELP, add_round_to_option, run_compression
-from norton.data import build_datasets, find_fashion_mnist
+from norton.training.data import build_datasets, find_fashion_mnist
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

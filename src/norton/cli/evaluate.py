@@ -10,9 +10,9 @@ import argparse
 from typing import Any
 
 from norton.cli import _options as options
-from norton.data import build_loaders
-from norton.engine import evaluate, resolve_device
 from norton.errors import UserError
+from norton.training.data import build_loaders
+from norton.training.loop import evaluate, resolve_device
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -97,7 +97,7 @@ def default_output(args: argparse.Namespace, model: nn.Module) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from norton.export import ExportCheckError, export_onnx, export_torchscript
+    from norton.deploy.export import ExportCheckError, export_onnx, export_torchscript
 
     if args.format not in FORMATS:
         raise UserError(f"unknown --format {args.format!r}: use onnx or torchscript")
@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     shape = input_shape(model, args.input_size)
     example = torch.randn(args.batch_size, *shape)
     if args.optimize:
-        from norton.inference import optimize_for_inference
+        from norton.deploy.inference import optimize_for_inference
 
         model = optimize_for_inference(model, example)
     output = Path(args.output).expanduser() if args.output else default_output(args, model)

@@ -13,8 +13,10 @@ from __future__ import annotations
 import argparse
 
 from norton.cli import _options as options
-from norton.data import build_loaders
-from norton.engine import (
+from norton.errors import UserError
+from norton.models import create_model
+from norton.training.data import build_loaders
+from norton.training.loop import (
     DistributedContext,
     check_output_dir,
     check_recipe,
@@ -23,8 +25,6 @@ from norton.engine import (
     init_distributed,
     seed_everything,
 )
-from norton.errors import UserError
-from norton.models import create_model
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -76,7 +76,7 @@ def _create_torchvision(
     if compress_rate is not None and any(parse_compress_rate(compress_rate)):
         raise UserError(f"{name} takes no compress_rate: prune it with the pruning engine instead")
     if check_rank(rank) != 0:
-        raise UserError(f"{name} takes no rank: decompose it with norton.decompose instead")
+        raise UserError(f"{name} takes no rank: decompose it with norton.decomposition.decompose instead")
     if check_positive(in_channels, "in_channels") != 3:
         raise UserError(f"{name} is built for 3 input channels, got in_channels={in_channels}")
     available = torchvision.models.list_models(module=torchvision.models)

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from norton.compress_rate import parse_compress_rate
-from norton.cpd_block import CPDBlock
+from norton.decomposition.cpd_block import CPDBlock
 from norton.errors import UserError
 
 CompressRate = str | Sequence[float] | None

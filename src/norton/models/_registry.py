@@ -6,8 +6,8 @@ A family module decorates its builders with ``@register_model(...)``; importing
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from torch import nn
 

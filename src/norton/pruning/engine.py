@@ -30,7 +30,7 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
-from norton.cpd_block import CPDBlock
+from norton.decomposition.cpd_block import CPDBlock
 from norton.errors import UserError
 from norton.pruning.criteria import filter_removal_order, get_criterion, importance_from_removal_order
 from norton.pruning.plan import IN, OUT, RemovalLog, customized_pruners, replay_prune, side_sizes

@@ -28,7 +28,7 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
-from norton.cpd_block import CPDBlock
+from norton.decomposition.cpd_block import CPDBlock
 from norton.errors import UserError
 
 PRUNE_OP = "prune"

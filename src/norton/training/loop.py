@@ -39,10 +39,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from norton.data import Loaders
 from norton.errors import UserError
 from norton.io import atomic_save, atomic_write_text
 from norton.serialization import model_from_state, model_state
+from norton.training.data import Loaders
 
 CHECKPOINT_FORMAT = "norton.training_checkpoint"
 CHECKPOINT_VERSION = 1
@@ -96,7 +96,7 @@ def init_distributed(device: str | torch.device = "auto") -> DistributedContext:
     """Join the process group when launched by ``torchrun`` (``WORLD_SIZE > 1``), else do nothing.
 
     Uses NCCL on CUDA and Gloo on CPU, reading the rendezvous from the environment.
-    Call before :func:`norton.data.build_loaders`, which shards by rank.
+    Call before :func:`norton.training.data.build_loaders`, which shards by rank.
     """
     device = resolve_device(device)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -305,7 +305,7 @@ def evaluate(
     """Top-1/top-5 accuracy (percent) and mean cross-entropy of ``model`` over ``loader``.
 
     Returns ``{"top1", "top5", "loss", "samples"}``. In a distributed run each rank
-    evaluates its shard of ``loader`` (see :func:`norton.data.build_loaders`) and the
+    evaluates its shard of ``loader`` (see :func:`norton.training.data.build_loaders`) and the
     counts are summed, so every image counts once. Pass the model without its DDP
     wrapper: shards may differ in length.
     """

@@ -2,7 +2,7 @@
 
 ``decompose(model, rank)`` walks the model, picks every eligible ``nn.Conv2d``
 (``groups == 1`` and a kernel larger than 1x1, by default), decomposes all its
-filters at once with batched CP-ALS and swaps in a :class:`~norton.cpd_block.CPDBlock`.
+filters at once with batched CP-ALS and swaps in a :class:`~norton.decomposition.cpd_block.CPDBlock`.
 What was done is appended to ``model.norton_plan`` as plain data
 (``{"op": "decompose", "ranks": {name: rank}}``) so :func:`replay_decompose`
 can rebuild the same structure in a fresh process before a state dict loads.
@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from norton.cpd_block import CPDBlock, check_decomposable, conv_padding
+from norton.decomposition.cpd_block import CPDBlock, check_decomposable, conv_padding
 from norton.errors import UserError
 
 RankRule = Callable[[str, nn.Conv2d], "int | None"]
@@ -127,11 +127,11 @@ def decompose(
             ``(name, conv) -> rank | None`` (``None`` leaves the layer dense).
         include, exclude: qualified names or ``fnmatch`` patterns restricting the layers.
         example_inputs: when given, the report carries each layer's MACs before and after.
-        n_iter_max, tol, init, seed: passed to :func:`norton.cp_als.cp_als`.
+        n_iter_max, tol, init, seed: passed to :func:`norton.decomposition.cp_als.cp_als`.
         progress: show a progress bar over layers.
         return_report: also return the per-layer :class:`LayerDecomposition` rows.
     """
-    from norton.cp_als import cp_als
+    from norton.decomposition.cp_als import cp_als
 
     mapping = _normalise_rank(rank)
     convs = eligible_convs(model, include=include, exclude=exclude)

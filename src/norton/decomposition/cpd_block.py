@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from norton.cp_tensor import CPFactors
+from norton.decomposition.cp_tensor import CPFactors
 
 IntPair = int | tuple[int, int]
 
@@ -185,7 +185,7 @@ class CPDBlock(nn.Module):
         padding: IntPair = 0,
         dilation: IntPair = 1,
         padding_mode: str = "zeros",
-    ) -> "CPDBlock":
+    ) -> CPDBlock:
         """Build a block from per-filter factors ``(N, C_in, R), (N, k_h, R), (N, k_w, R)``."""
         head, body, tail = factors
         n, c_in, r = head.shape
@@ -209,7 +209,7 @@ class CPDBlock(nn.Module):
         tol: float = 1e-7,
         init: str = "svd",
         seed: int | None = None,
-    ) -> "CPDBlock":
+    ) -> CPDBlock:
         """Decompose every filter of ``conv`` at CP rank ``rank`` (batched CP-ALS).
 
         The relative reconstruction error of each filter is kept in
@@ -218,7 +218,7 @@ class CPDBlock(nn.Module):
         check_decomposable(conv)
         if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
             raise ValueError(f"rank must be a positive integer, got {rank!r}")
-        from norton.cp_als import cp_als  # local: keeps the module importable on its own
+        from norton.decomposition.cp_als import cp_als  # local: keeps the module importable on its own
 
         weight = conv.weight.detach()  # (N, C_in, k_h, k_w)
         factors, errors = cp_als(weight, rank, n_iter_max=n_iter_max, tol=tol, init=init, seed=seed)

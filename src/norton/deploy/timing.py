@@ -1,6 +1,6 @@
 """Timing utilities: warm up, run many times, report the median and the spread.
 
-Used by :func:`norton.inference.optimize_for_inference` (per-layer form choice),
+Used by :func:`norton.deploy.inference.optimize_for_inference` (per-layer form choice),
 ``norton benchmark`` and the scripts in ``benchmarks/``. Timings on a shared
 machine are noisy, so callables that are compared are timed *interleaved*
 (one run of each per round, in a rotating order) and judged by their medians:
@@ -38,7 +38,7 @@ class LatencyStats:
         return self.q3_ms - self.q1_ms
 
     @classmethod
-    def from_seconds(cls, times: Sequence[float]) -> "LatencyStats":
+    def from_seconds(cls, times: Sequence[float]) -> LatencyStats:
         if not times:
             raise ValueError("no timings to summarise")
         ms = sorted(t * 1e3 for t in times)
@@ -258,7 +258,7 @@ def compare_models(
 
     Models are timed interleaved (see :func:`compare_callables`), so their ratio is
     fair on a loaded machine. ``optimize`` runs
-    :func:`norton.inference.optimize_for_inference` for every model at every batch
+    :func:`norton.deploy.inference.optimize_for_inference` for every model at every batch
     size (the fastest form depends on it). ``runtime="onnxruntime"`` exports each
     (checked) model to ONNX in ``workdir`` (a temporary folder by default) and times
     an onnxruntime CPU session. Returns ``{batch_size: {name: ModelTiming}}``.
@@ -282,11 +282,11 @@ def compare_models(
             for name, model in models.items():
                 prepared = model.to(device).eval()
                 if optimize:
-                    from norton.inference import optimize_for_inference
+                    from norton.deploy.inference import optimize_for_inference
 
                     prepared = optimize_for_inference(prepared, inputs, device=device)
                 if runtime == "onnxruntime":
-                    from norton.export import export_onnx, onnxruntime_runner, onnxruntime_session
+                    from norton.deploy.export import export_onnx, onnxruntime_runner, onnxruntime_session
 
                     path = os.path.join(tmp, f"{len(runners)}_b{batch}.onnx")
                     export_onnx(prepared.cpu(), path, inputs.cpu())

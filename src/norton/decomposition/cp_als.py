@@ -2,7 +2,7 @@
 
 ``cp_als(tensors (B, I, J, K), rank)`` decomposes every ``tensors[b]`` (e.g. every
 filter ``(C_in, k_h, k_w)`` of a convolution) with alternating least squares and
-returns factors in the layout of :mod:`norton.cp_tensor` plus the per-tensor
+returns factors in the layout of :mod:`norton.decomposition.cp_tensor` plus the per-tensor
 relative errors. There is no Python loop over tensors, only over sweeps.
 
 Why it is fast on conv filters:
@@ -39,7 +39,7 @@ from typing import Literal, overload
 import torch
 from torch import Tensor
 
-from norton.cp_tensor import CPFactors
+from norton.decomposition.cp_tensor import CPFactors
 from norton.errors import UserError
 
 INITS = ("svd", "random")

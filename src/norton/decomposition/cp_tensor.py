@@ -1,4 +1,4 @@
-"""Batched CP tensors: the data type that :mod:`norton.cp_als` produces.
+"""Batched CP tensors: the data type that :mod:`norton.decomposition.cp_als` produces.
 
 A batch of ``B`` rank-``R`` CP tensors of shape ``(I, J, K)`` is stored as three
 factor matrices per tensor, ``A (B, I, R)``, ``B (B, J, R)`` and ``C (B, K, R)``,

@@ -35,9 +35,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from norton.cpd_block import CPDBlock
+from norton.decomposition.cpd_block import CPDBlock
+from norton.deploy.timing import compare_callables
 from norton.errors import UserError
-from norton.latency import compare_callables
 
 INFERENCE_FORMS = ("cpd", "merged", "grouped", "dense")
 TRAINING_FORMS = ("cpd", "merged", "grouped", "dense")

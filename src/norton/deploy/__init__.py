@@ -1,0 +1,1 @@
+"""Stage 3 of NORTON, deployment: fast equivalent forms of CPDBlocks, BatchNorm folding, timing and export."""
