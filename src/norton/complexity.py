@@ -33,13 +33,15 @@ tensor arithmetic are never counted. Numbers are per sample (divided by the batc
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from norton.errors import UserError
+from norton.limits import check_input_size
 
 Rule = Callable[[nn.Module, Tensor, Tensor], float]
 
@@ -66,6 +68,54 @@ class Complexity:
     convention: str
     input_size: tuple[int, ...]
     layers: list[LayerComplexity] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- closed forms
+# MACs from shapes alone (no forward pass), for choices made per layer: decomposition
+# reports, inference-form rules and pruning budgets. They agree with the hooked count
+# of the "conv+linear" convention below (tests check both on the same layers).
+def conv_output_size(size: int, kernel: int, stride: int = 1, padding: int = 0, dilation: int = 1) -> int:
+    """Output length of a convolution along one axis (``nn.Conv2d``'s formula)."""
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def conv2d_macs(conv: nn.Conv2d, input_hw: Sequence[int]) -> int:
+    """MACs of ``conv`` on one ``(H, W)`` input: ``H_out * W_out * N * C_in/groups * k_h * k_w``."""
+    (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
+    ph, pw = _padding(conv)
+    h_out = conv_output_size(int(input_hw[0]), kh, sh, ph, dh)
+    w_out = conv_output_size(int(input_hw[1]), kw, sw, pw, dw)
+    return h_out * w_out * conv.out_channels * (conv.in_channels // conv.groups) * kh * kw
+
+
+CPD_FORMS = ("cpd", "merged", "grouped", "dense")
+
+
+def cpd_block_macs(block: nn.Module, input_hw: Sequence[int], form: str = "cpd") -> int:
+    """MACs of a CPDBlock (``N`` filters, ``C_in``, rank ``R``) on one ``(H, W)`` input, in one of its forms.
+
+    ``"cpd"``: pointwise ``C_in -> R*N`` on the input grid, depthwise ``k_h x 1`` (vertical
+    stride), depthwise ``1 x k_w``; ``"merged"``/``"grouped"``: the pointwise conv, then one
+    ``k_h x k_w`` pass over ``R*N`` channels; ``"dense"``: the equivalent ``N x C_in x k_h x k_w`` conv.
+    """
+    if form not in CPD_FORMS:
+        raise UserError(f"unknown CPDBlock form {form!r}; use one of {', '.join(CPD_FORMS)}")
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = block.kernel_size, block.stride, block.padding, block.dilation
+    h_in, w_in = int(input_hw[0]), int(input_hw[1])
+    h_out, w_out = conv_output_size(h_in, kh, sh, ph, dh), conv_output_size(w_in, kw, sw, pw, dw)
+    n, c, r = block.out_channels, block.in_channels, block.rank
+    pointwise = h_in * w_in * r * n * c
+    if form == "cpd":
+        return pointwise + h_out * w_in * r * n * kh + h_out * w_out * r * n * kw
+    if form == "dense":
+        return h_out * w_out * n * c * kh * kw
+    return pointwise + h_out * w_out * r * n * kh * kw
+
+
+def _padding(conv: nn.Conv2d) -> tuple[int, int]:
+    from norton.decomposition.cpd_block import conv_padding  # resolves padding="same"
+
+    return conv_padding(conv)
 
 
 # ---------------------------------------------------------------- rule sets
@@ -220,23 +270,34 @@ class _Tally:
 
 def count_complexity(
     model: nn.Module,
-    input_size: Sequence[int],
+    input_size: Sequence[int] | None = None,
     *,
+    example_inputs: Any = None,
     convention: str = "conv+linear",
     per_layer: bool = False,
 ) -> Complexity:
     """Count MACs and parameters of ``model`` on an input of ``input_size`` (per sample).
 
     Args:
-        model: any module taking one image tensor.
-        input_size: ``(C, H, W)`` or ``(N, C, H, W)``.
+        model: any module taking one image tensor (or ``example_inputs``).
+        input_size: ``(C, H, W)`` or ``(N, C, H, W)``; a zero input of this shape is used.
+        example_inputs: instead of ``input_size``, what the model runs on: a tensor, a
+            tuple of tensors or a dict of keyword tensors (moved to the model's device;
+            numbers are per sample of the first tensor's batch).
         convention: ``"conv+linear"``, ``"reference"`` (alias ``"ptflops"``),
             ``"ptflops-modules"`` or ``"thop"``; see the module docstring.
         per_layer: also return one row per counted module in ``layers``.
     """
     convention = _check_convention(convention)
-    shape = _check_input_size(input_size)
-    tallies = _count_macs(model, shape)
+    if (input_size is None) == (example_inputs is None):
+        raise UserError("count_complexity needs exactly one of input_size or example_inputs")
+    if example_inputs is not None:
+        inputs = _move_inputs(example_inputs, model)
+        shape = tuple(_first_tensor(inputs).shape)
+    else:
+        shape = _check_input_size(input_size)
+        inputs = _example_input(model, shape)
+    tallies = _count_macs(model, inputs, shape[0] if len(shape) > 1 else 1)
     totals = _count_params(model, tallies)
     if convention == "reference":  # the reference printed min(ptflops, thop), MACs and params separately
         macs_key = min(("ptflops-modules", "thop"), key=lambda key: totals[key][0])
@@ -247,13 +308,12 @@ def count_complexity(
     return Complexity(totals[macs_key][0], totals[params_key][1], convention, shape, layers)
 
 
-def _count_macs(model: nn.Module, shape: tuple[int, ...]) -> dict[str, _Tally]:
+def _count_macs(model: nn.Module, inputs: Any, batch: int) -> dict[str, _Tally]:
     """One hooked forward pass filling every rule set's per-module MACs (and thop's params)."""
     names = {module: name for name, module in model.named_modules()}
     tallies = {key: _Tally() for key in ("conv+linear", "ptflops-modules", "thop")}
     thop_units = _units(model, _THOP_RULES)
     ptflops_units = _units(model, _PTFLOPS_RULES)
-    batch = shape[0]
 
     def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
         if not inputs or not isinstance(inputs[0], Tensor) or not isinstance(output, Tensor):
@@ -276,7 +336,7 @@ def _count_macs(model: nn.Module, shape: tuple[int, ...]) -> dict[str, _Tally]:
             handles.append(module.register_forward_hook(hook))
         model.eval()
         with torch.no_grad():
-            model(_example_input(model, shape))
+            _call(model, inputs)
     finally:
         for handle in handles:
             handle.remove()
@@ -313,15 +373,52 @@ def _check_convention(convention: str) -> str:
 
 
 def _check_input_size(input_size: Sequence[int]) -> tuple[int, ...]:
-    try:
-        shape = tuple(int(v) for v in input_size)
-    except (TypeError, ValueError):
-        raise UserError(f"input_size must be a tuple of ints like (3, 32, 32), got {input_size!r}") from None
-    if len(shape) < 2 or any(v < 1 for v in shape) or any(isinstance(v, bool) for v in input_size):
-        raise UserError(f"input_size must be positive ints like (3, 32, 32) or (1, 3, 32, 32), got {input_size!r}")
-    if len(shape) == 3:
-        shape = (1, *shape)
-    return shape
+    shape = check_input_size(input_size)
+    return (1, *shape) if len(shape) == 3 else shape
+
+
+def _call(model: nn.Module, inputs: Any) -> Any:
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def _first_tensor(inputs: Any) -> Tensor:
+    values = inputs.values() if isinstance(inputs, Mapping) else inputs if isinstance(inputs, (tuple, list)) else [inputs]
+    for value in values:
+        if isinstance(value, Tensor):
+            return value
+    raise UserError("example_inputs must hold at least one tensor")
+
+
+def _move_inputs(inputs: Any, model: nn.Module) -> Any:
+    """``inputs`` on the model's device (a meta-device model gets meta tensors)."""
+    reference = next(model.parameters(), None)
+    if reference is None:
+        return inputs
+
+    def move(value: Any) -> Any:
+        return value.to(reference.device) if isinstance(value, Tensor) else value
+
+    if isinstance(inputs, Mapping):
+        return {key: move(value) for key, value in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(move(value) for value in inputs)
+    return move(inputs)
+
+
+def original_complexity(model: nn.Module, input_size: Sequence[int] | None = None, *, example_inputs: Any = None,
+                        convention: str = "conv+linear") -> Complexity:
+    """MACs and params of ``model`` before its first norton operation (:func:`norton.plan.original_model`).
+
+    Fractions of MACs (``target_macs``) are fractions of this count.
+    """
+    from norton.plan import original_model
+
+    return count_complexity(original_model(model), input_size, example_inputs=example_inputs,
+                            convention=convention)
 
 
 def _units(model: nn.Module, rules: dict[type, Rule]) -> set[nn.Module]:

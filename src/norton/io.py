@@ -1,12 +1,18 @@
-"""Atomic file writes: a crash or a full disk never leaves a half-written checkpoint."""
+"""File input and output: atomic writes (a crash or a full disk never leaves a half-written
+checkpoint) and :func:`read_torch_file`, the one place ``torch.load`` is called.
+"""
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from norton.errors import UserError
 
 
 def _default_mode() -> int:
@@ -52,3 +58,30 @@ def atomic_write_text(text: str, path: str | os.PathLike) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def read_torch_file(
+    path: str | os.PathLike, *, map_location: Any = "cpu", weights_only: bool = True, hint: str = ""
+) -> Any:
+    """``torch.load(path)`` (``weights_only`` by default) with every failure as one ``UserError`` line.
+
+    A missing file, a file that is not a ``torch.save`` archive, a truncated one, or one
+    holding objects beyond tensors and plain data each get a message saying which;
+    ``hint`` is appended to the last (e.g. how to load a trusted file).
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"no such file: {path}")
+    if not zipfile.is_zipfile(path):  # torch.save has written zip archives since PyTorch 1.6
+        raise UserError(f"cannot read {path} as a PyTorch file: it is not a torch.save archive")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=weights_only)
+    except pickle.UnpicklingError as error:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        # torch's message is a paragraph; the line naming the offending global is the useful one.
+        useful = [line for line in lines if "Unsupported global" in line or "WeightsUnpickler" in line]
+        reason = (useful or lines or [""])[0]
+        raise UserError(f"{path} holds objects other than tensors and plain data ({reason[:160]}){hint}") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"cannot read {path} as a PyTorch file: {first[:200]}") from None
