@@ -154,8 +154,8 @@ def record_original(model: nn.Module) -> None:
         snapshot = copy.deepcopy(model).to("meta")
     except Exception:  # noqa: BLE001 - a model that cannot be copied just has no recorded original
         return
-    snapshot.__dict__.pop("norton_original", None)
-    model.norton_original = snapshot
+    # In the instance dict, not as a submodule: it must not run, train or appear in the state dict.
+    model.__dict__["norton_original"] = snapshot
 
 
 def original_model(model: nn.Module) -> nn.Module:

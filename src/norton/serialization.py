@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
-import zipfile
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -30,13 +28,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from norton import __version__
 from norton.decomposition.cpd_block import CPDBlock
 from norton.errors import UserError
-from norton.io import atomic_save
+from norton.io import atomic_save, read_torch_file
+from norton.limits import check_architecture_kwargs
+from norton.plan import check_plan, plan_of, replay_plan
 
 FORMAT = "norton"
 FORMAT_VERSION = 1
 _MODEL_KEYS = ("architecture", "plan", "state_dict")
+# The keyword arguments of norton.models.create_model a file's architecture may carry.
+ARCHITECTURE_ARGUMENTS = ("compress_rate", "rank", "num_classes", "in_channels")
 # Plain values torch.load(weights_only=True) rebuilds, besides containers and tensors.
 _PLAIN = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size)
 
@@ -54,39 +57,34 @@ def model_state(model: nn.Module, *, architecture: Mapping[str, Any] | None = No
             "norton.models.create_model, or pass architecture={'name': ..., 'kwargs': {...}}"
         )
     architecture = _check_architecture(architecture)
-    plan = list(getattr(model, "norton_plan", None) or [])
-    try:
-        plan = json.loads(json.dumps(plan))  # a plain-data copy; fails on anything JSON cannot hold
-    except (TypeError, ValueError) as error:
-        raise UserError(f"model.norton_plan must be plain JSON data (lists, dicts, numbers, text): {error}") from None
+    plan = check_plan(plan_of(model))  # plain copies of known operations' records
     return {"architecture": architecture, "plan": plan, "state_dict": OrderedDict(model.state_dict())}
 
 
-def model_from_state(state: Mapping[str, Any]) -> nn.Module:
+def model_from_state(state: Mapping[str, Any], *, written_by: str | None = None) -> nn.Module:
     """Rebuild a model from :func:`model_state`'s dict: build, replay the plan, load the weights strictly."""
     missing = [key for key in _MODEL_KEYS if key not in state]
     if missing:
         raise UserError(f"the model record lacks {missing[0]!r}; it was not written by norton.save / model_state")
-    model = build_from_plan(state["architecture"], state["plan"])
+    model = build_from_plan(state["architecture"], state["plan"], written_by=written_by)
     _load_strict(model, state["state_dict"], source="the file")
     return model
 
 
-def build_from_plan(architecture: Mapping[str, Any], plan: Sequence[Mapping[str, Any]]) -> nn.Module:
-    """``create_model(**architecture)`` with ``plan`` replayed on it (fresh weights, final structure)."""
-    from norton.decomposition.decompose import replay_decompose
+def build_from_plan(
+    architecture: Mapping[str, Any], plan: Sequence[Mapping[str, Any]], *, written_by: str | None = None
+) -> nn.Module:
+    """``create_model(**architecture)`` with ``plan`` replayed on it (fresh weights, final structure).
+
+    The architecture's arguments and every plan record are checked (names, bounds) before
+    anything is built; the records are replayed through the plan registry (:mod:`norton.plan`).
+    """
     from norton.models import create_model
-    from norton.pruning.plan import replay_prune
 
     architecture = _check_architecture(architecture)
+    plan = check_plan(plan, written_by=written_by)
     model = create_model(architecture["name"], **architecture["kwargs"])
-    replays = {"decompose": replay_decompose, "prune": replay_prune}
-    for position, record in enumerate(plan):
-        op = record.get("op") if isinstance(record, Mapping) else None
-        if op not in replays:
-            raise UserError(f"plan step {position} has unknown op {op!r}; known: {', '.join(replays)}")
-        replays[op](model, record)
-    return model
+    return replay_plan(model, plan, written_by=written_by)
 
 
 def _check_architecture(architecture: Any) -> dict[str, Any]:
@@ -98,9 +96,17 @@ def _check_architecture(architecture: Any) -> dict[str, Any]:
         raise UserError(f"architecture must be {{'name': str, 'kwargs': dict}}, got {architecture!r:.80}")
     plain = {"name": architecture["name"], "kwargs": dict(architecture.get("kwargs", {}))}
     try:
-        return json.loads(json.dumps(plain))
+        plain = json.loads(json.dumps(plain, allow_nan=False))
     except (TypeError, ValueError) as error:
         raise UserError(f"architecture kwargs must be plain JSON data: {error}") from None
+    unknown = sorted(set(plain["kwargs"]) - set(ARCHITECTURE_ARGUMENTS))
+    if unknown:
+        raise UserError(
+            f"architecture {plain['name']!r} has argument {unknown[0]!r}, which create_model does not take "
+            f"(it takes {', '.join(ARCHITECTURE_ARGUMENTS)}): the file was written for another model builder"
+        )
+    check_architecture_kwargs(plain["kwargs"], f"architecture {plain['name']!r}")
+    return plain
 
 
 # ---------------------------------------------------------------------- save / load
@@ -113,14 +119,17 @@ def save(
     it must hold only tensors and plain data so the file loads with ``weights_only=True``.
     """
     _check_plain(metadata, "metadata")
-    checkpoint = {"format": FORMAT, "format_version": FORMAT_VERSION, **model_state(model, architecture=architecture)}
+    checkpoint = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "norton_version": __version__,
+        **model_state(model, architecture=architecture),
+    }
     checkpoint["metadata"] = metadata
     return atomic_save(checkpoint, path)
 
 
 def load_checkpoint(path: str | os.PathLike, *, map_location: Any = "cpu") -> dict[str, Any]:
     """The whole norton file as a dict (format, architecture, plan, state_dict, metadata), checked."""
-    checkpoint = _torch_load(path, map_location)
+    checkpoint = read_torch_file(path, map_location=map_location)
     if not isinstance(checkpoint, Mapping) or checkpoint.get("format") != FORMAT:
         raise UserError(
             f"{path} is not a norton model file (no 'format': 'norton'); for the authors' released "
@@ -137,27 +146,14 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: Any = "cpu") -> di
 
 def load(path: str | os.PathLike, *, map_location: Any = "cpu") -> nn.Module:
     """Rebuild the model saved at ``path`` (architecture + plan + weights), in eval mode."""
-    model = model_from_state(load_checkpoint(path, map_location=map_location))
+    checkpoint = load_checkpoint(path, map_location=map_location)
+    model = model_from_state(checkpoint, written_by=_written_by(checkpoint))
     return model.eval()
 
 
-def _torch_load(path: str | os.PathLike, map_location: Any, *, weights_only: bool = True, hint: str = "") -> Any:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"no such file: {path}")
-    if not zipfile.is_zipfile(path):  # torch.save has written zip archives since PyTorch 1.6
-        raise UserError(f"cannot read {path} as a PyTorch file: it is not a torch.save archive")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=weights_only)
-    except pickle.UnpicklingError as error:
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        # torch's message is a paragraph; the line naming the offending global is the useful one.
-        useful = [line for line in lines if "Unsupported global" in line or "WeightsUnpickler" in line]
-        reason = (useful or lines or [""])[0]
-        raise UserError(f"{path} holds objects other than tensors and plain data ({reason[:160]}){hint}") from None
-    except (RuntimeError, EOFError, OSError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"cannot read {path} as a PyTorch file: {first[:200]}") from None
+def _written_by(checkpoint: Mapping[str, Any]) -> str | None:
+    version = checkpoint.get("norton_version")
+    return version if isinstance(version, str) else None
 
 
 def _check_plain(value: Any, where: str) -> None:
@@ -218,7 +214,7 @@ def load_reference_checkpoint(
     from norton.models import create_model
 
     hint = "; if you trust the file, pass trusted=True"
-    checkpoint = _torch_load(path, map_location, weights_only=not trusted, hint=hint)
+    checkpoint = read_torch_file(path, map_location=map_location, weights_only=not trusted, hint=hint)
     state_dict = _reference_state_dict(checkpoint, path)
     model = create_model(arch, compress_rate=compress_rate, rank=rank, num_classes=num_classes)
     _explain_reference_mismatch(model, state_dict, checkpoint, rank, compress_rate)

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from norton.decomposition.cp_tensor import CPFactors
+from norton.limits import check_rank
 
 IntPair = int | tuple[int, int]
 
@@ -90,6 +91,8 @@ class CPDBlock(nn.Module):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         kh, kw = _pair(kernel_size, "kernel_size")
+        # Bounded before anything is allocated: R*N intermediate channels of a huge R exhaust memory.
+        check_rank(rank, in_channels=in_channels, kernel_size=(kh, kw))
         sh, sw = _pair(stride, "stride")
         ph, pw = _pair(padding, "padding")
         dh, dw = _pair(dilation, "dilation")

@@ -10,7 +10,7 @@ can rebuild the same structure in a fresh process before a state dict loads.
 from __future__ import annotations
 
 import fnmatch
-import math
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -19,8 +19,11 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from norton.complexity import conv2d_macs, cpd_block_macs
 from norton.decomposition.cpd_block import CPDBlock, check_decomposable, conv_padding
 from norton.errors import UserError
+from norton.limits import MAX_RANK, check_int, check_rank
+from norton.plan import PlanOperation, append_record, record_original, register_operation
 
 RankRule = Callable[[str, nn.Conv2d], "int | None"]
 RankSpec = int | Mapping[str, int] | RankRule
@@ -143,10 +146,23 @@ def decompose(
                 f"(eligible: {', '.join(list(convs)[:5])}{', ...' if len(convs) > 5 else ''})"
             )
         convs = {name: conv for name, conv in convs.items() if name in mapping}
+    # Every rank is chosen and checked against its layer before any CP-ALS runs (a MaxError
+    # rule chooses by running it, within bounds), and layers are swapped only at the end,
+    # so a mistake or an interruption leaves the model as it was.
+    chosen_ranks: dict[str, int | None] = {}
+    if not isinstance(mapping, MaxError):
+        for name, conv in convs.items():
+            value = mapping[name] if isinstance(mapping, Mapping) else mapping(name, conv)
+            if value is not None:
+                check_rank(value, f"rank for layer {name!r}", in_channels=conv.in_channels,
+                           kernel_size=conv.kernel_size)
+            chosen_ranks[name] = value
     input_shapes = _capture_input_shapes(model, convs, example_inputs) if example_inputs is not None else {}
+    record_original(model)
 
     report: list[LayerDecomposition] = []
     ranks: dict[str, int] = {}
+    blocks: dict[str, CPDBlock] = {}
     bar = tqdm(convs.items(), desc="decompose", unit="layer", disable=not progress, leave=False)
     for name, conv in bar:
         bar.set_postfix_str(name)
@@ -157,12 +173,8 @@ def decompose(
 
         if isinstance(mapping, MaxError):
             chosen, result = _smallest_rank_meeting(run, mapping, conv)
-        elif isinstance(mapping, Mapping):
-            chosen, result = mapping[name], None
         else:
-            chosen, result = mapping(name, conv), None
-            if chosen is not None and (not isinstance(chosen, int) or isinstance(chosen, bool) or chosen < 1):
-                raise UserError(f"rank rule returned {chosen!r} for layer {name!r}; expected a positive int or None")
+            chosen, result = chosen_ranks[name], None
         macs_before = _conv_macs(conv, input_shapes.get(name))
         if chosen is None:
             errors = torch.zeros(conv.out_channels)
@@ -177,16 +189,14 @@ def decompose(
         )
         block.train(conv.training)
         block.reconstruction_error = errors
-        _set_submodule(model, name, block)
+        blocks[name] = block
         ranks[name] = chosen
         report.append(_row(name, conv, chosen, errors, macs_before, _block_macs(block, input_shapes.get(name))))
 
+    for name, block in blocks.items():
+        _set_submodule(model, name, block)
     if ranks:
-        plan = getattr(model, "norton_plan", None)
-        if plan is None:
-            plan = []
-            model.norton_plan = plan
-        plan.append({"op": "decompose", "ranks": ranks})
+        append_record(model, {"op": "decompose", "ranks": ranks})
     return (model, report) if return_report else model
 
 
@@ -196,24 +206,54 @@ def replay_decompose(model: nn.Module, record: Mapping[str, Any]) -> nn.Module:
     No CP-ALS runs: the CPDBlocks are freshly initialised and expect a state dict
     to be loaded next. The record is appended to ``model.norton_plan``.
     """
-    if record.get("op") != "decompose" or not isinstance(record.get("ranks"), Mapping):
-        raise UserError(f"not a decomposition record: {record!r:.80}")
+    check_decompose_record(record)
     modules = dict(model.named_modules())
-    for name, rank in record["ranks"].items():
+    for name, rank in record["ranks"].items():  # every layer checked before the model changes
         conv = modules.get(name)
         if conv is None:
             raise UserError(f"decomposition record names layer {name!r}, which the model does not have")
         check_decomposable(conv)
+        check_rank(rank, f"rank of layer {name!r}", in_channels=conv.in_channels, kernel_size=conv.kernel_size)
+    record_original(model)
+    for name, rank in record["ranks"].items():
+        conv = modules[name]
         block = CPDBlock(
             conv.in_channels, conv.out_channels, int(rank), conv.kernel_size, stride=conv.stride,
             padding=conv_padding(conv), dilation=conv.dilation, bias=conv.bias is not None,
             padding_mode=conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype,
         )
         _set_submodule(model, name, block)
-    if not hasattr(model, "norton_plan"):
-        model.norton_plan = []
-    model.norton_plan.append({"op": "decompose", "ranks": dict(record["ranks"])})
+    append_record(model, {"op": "decompose", "ranks": dict(record["ranks"])})
     return model
+
+
+def check_decompose_record(record: Mapping[str, Any]) -> None:
+    """``{"op": "decompose", "ranks": {layer name: rank}}`` with ranks in ``[1, MAX_RANK]``."""
+    if not isinstance(record, Mapping) or record.get("op") != "decompose":
+        raise UserError(f"not a decomposition record: {str(record)[:80]}")
+    ranks = record.get("ranks")
+    if not isinstance(ranks, Mapping) or not ranks:
+        raise UserError("a decomposition record needs 'ranks': {layer name: rank}")
+    for name, rank in ranks.items():
+        if not isinstance(name, str):
+            raise UserError(f"decomposition record: layer names must be strings, got {name!r}")
+        check_int(rank, f"rank of layer {name!r}", minimum=1, maximum=MAX_RANK)
+
+
+def describe_decompose_record(record: Mapping[str, Any]) -> str:
+    """``decompose 19 layers (rank 3 x19)``."""
+    counts = Counter(record["ranks"].values())
+    ranks = ", ".join(f"rank {rank} x{count}" for rank, count in sorted(counts.items()))
+    return f"decompose {len(record['ranks'])} layers ({ranks})"
+
+
+register_operation(PlanOperation(
+    name="decompose",
+    check=check_decompose_record,
+    replay=replay_decompose,
+    describe=describe_decompose_record,
+    example=lambda model, example_inputs: decompose(model, 2, progress=False),
+))
 
 
 def format_report(report: Iterable[LayerDecomposition]) -> str:
@@ -238,6 +278,7 @@ def _normalise_rank(rank: RankSpec) -> RankSpec:
     if isinstance(rank, int):
         if rank < 1:
             raise UserError(f"rank must be a positive integer, got {rank}; use e.g. rank=8")
+        check_int(rank, "rank", maximum=MAX_RANK)
         return lambda name, conv: rank
     if isinstance(rank, Mapping):
         for name, value in rank.items():
@@ -252,6 +293,7 @@ def _normalise_rank(rank: RankSpec) -> RankSpec:
 def _smallest_rank_meeting(run, rule: MaxError, conv: nn.Conv2d):
     kh, kw = conv.kernel_size
     high = rule.max_rank if rule.max_rank is not None else max(1, kh * kw - 1)
+    high = min(high, conv.in_channels * max(kh, kw))  # higher CP ranks never lower the error
     low, best = 1, None
     while low <= high:  # bisection over ranks: the error falls with the rank
         mid = (low + high) // 2
@@ -302,31 +344,12 @@ def _capture_input_shapes(
     return shapes
 
 
-def _out_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
-    return math.floor((size + 2 * padding - dilation * (kernel - 1) - 1) / stride) + 1
-
-
 def _conv_macs(conv: nn.Conv2d, input_shape: torch.Size | None) -> int | None:
-    if input_shape is None:
-        return None
-    (ph, pw) = conv_padding(conv)
-    h = _out_size(input_shape[-2], conv.kernel_size[0], conv.stride[0], ph, conv.dilation[0])
-    w = _out_size(input_shape[-1], conv.kernel_size[1], conv.stride[1], pw, conv.dilation[1])
-    return h * w * conv.out_channels * conv.in_channels // conv.groups * conv.kernel_size[0] * conv.kernel_size[1]
+    return None if input_shape is None else conv2d_macs(conv, input_shape[-2:])
 
 
 def _block_macs(block: CPDBlock, input_shape: torch.Size | None) -> int | None:
-    if input_shape is None:
-        return None
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = block.kernel_size, block.stride, block.padding, block.dilation
-    h_in, w_in = input_shape[-2], input_shape[-1]
-    channels = block.rank * block.out_channels
-    h_out = _out_size(h_in, kh, sh, ph, dh)
-    w_out = _out_size(w_in, kw, sw, pw, dw)
-    pointwise = h_in * w_in * channels * block.in_channels
-    vertical = h_out * w_in * channels * kh
-    horizontal = h_out * w_out * channels * kw
-    return pointwise + vertical + horizontal
+    return None if input_shape is None else cpd_block_macs(block, input_shape[-2:])
 
 
 def _row(name, conv, rank, errors: Tensor, before, after) -> LayerDecomposition:

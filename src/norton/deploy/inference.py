@@ -38,6 +38,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from norton.decomposition.cpd_block import CPDBlock
 from norton.deploy.timing import compare_callables
 from norton.errors import UserError
+from norton.plan import PlanOperation, register_operation
 
 INFERENCE_FORMS = ("cpd", "merged", "grouped", "dense")
 TRAINING_FORMS = ("cpd", "merged", "grouped", "dense")
@@ -757,3 +758,16 @@ def _fastest_model(
         runners[fmt] = run
     stats = compare_callables(runners, warmup=1, repeats=5, max_time_s=10.0, device=device)
     return min(stats, key=lambda fmt: stats[fmt].median_ms)
+
+
+# Transitional registration (the deploy stage's owner replaces it with its own check/describe).
+def _check_optimize_record(record: Mapping[str, Any]) -> None:
+    if not isinstance(record, Mapping) or record.get("op") != "optimize":
+        raise UserError(f"not an optimize record: {str(record)[:80]}")
+
+
+register_operation(PlanOperation(
+    name="optimize", check=_check_optimize_record, replay=replay_optimize,
+    describe=lambda record: f"optimize {len(record.get('forms', {}))} CPDBlocks",
+    example=lambda model, x: optimize_for_inference(model, x, measure=False),
+))

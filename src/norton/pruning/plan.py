@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from norton.decomposition.cpd_block import CPDBlock
 from norton.errors import UserError
+from norton.plan import PlanOperation, register_operation
 
 PRUNE_OP = "prune"
 OUT, IN = "out", "in"  # which side of a layer an index list refers to
@@ -263,3 +264,26 @@ def replay_prune(model: nn.Module, record: Mapping[str, Any]) -> nn.Module:
         model.norton_plan = plan
     plan.append(copy.deepcopy(dict(record)))  # the model's history must not change with the caller's dict
     return model
+
+
+# Transitional registration (the pruning stage's owner replaces it with its own check/describe).
+def _check_prune_record(record: Mapping[str, Any]) -> None:
+    if not isinstance(record, Mapping) or record.get("op") != PRUNE_OP:
+        raise UserError(f"not a prune record: {str(record)[:80]}")
+
+
+def _describe_prune_record(record: Mapping[str, Any]) -> str:
+    removed = record.get("removed", {})
+    return f"prune {sum(len(v) for v in removed.values())} output channels in {len(removed)} layers"
+
+
+def _example_prune(model: nn.Module, example_inputs: Tensor) -> nn.Module:
+    from norton.pruning.engine import prune
+
+    return prune(model, example_inputs, ratio=0.5)
+
+
+register_operation(PlanOperation(
+    name=PRUNE_OP, check=_check_prune_record, replay=replay_prune, describe=_describe_prune_record,
+    example=_example_prune,
+))
