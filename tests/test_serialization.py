@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+import norton
 from norton.errors import UserError
 from norton.models import create_model
 from norton.pruning.engine import prune
@@ -24,7 +25,7 @@ from norton.serialization import (
 
 
 def decompose_by_hand(model: nn.Module, rank: int = 2) -> None:
-    """Structure-only decomposition of the 3x3 convs (no ALS), recorded in the plan like norton.decomposition.decompose."""
+    """Structure-only decomposition of the 3x3 convs (no ALS), recorded in the plan like norton.decompose."""
     from norton.decomposition.decompose import replay_decompose
 
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
@@ -190,3 +191,60 @@ def test_reference_checkpoint_with_pickled_objects_needs_trust(reference_file, t
         load_reference_checkpoint(tmp_path / "pickled.pt", "resnet_56", 1, CPR)
     model = load_reference_checkpoint(tmp_path / "pickled.pt", "resnet_56", 1, CPR, trusted=True)
     assert torch.equal(model.fc.weight, original.fc.weight)
+
+
+def _tampered(tmp_path, **changes):
+    """A norton file of resnet_20 whose architecture or plan a hostile or broken writer changed."""
+    path = norton.save(create_model("resnet_20"), tmp_path / "m.pt")
+    checkpoint = torch.load(path, weights_only=True)
+    for key, value in changes.items():
+        if key == "plan":
+            checkpoint["plan"] = value
+        else:
+            checkpoint["architecture"]["kwargs"][key] = value
+    torch.save(checkpoint, tmp_path / "tampered.pt")
+    return tmp_path / "tampered.pt"
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"num_classes": 10**9}, "num_classes must be in"),
+        ({"rank": 10**9}, "rank must be in"),
+        ({"compress_rate": [0.0] * 50_000}, "compress_rate has 50,000 entries"),
+        ({"plan": [{"op": "decompose", "ranks": {"conv1": 10**9}}]}, "rank of layer 'conv1'"),
+        ({"plan": [{"op": "decompose", "ranks": {"conv1": 60_000}}]}, r"above 9 = C_in x k"),
+    ],
+)
+def test_files_asking_for_huge_models_are_refused_before_allocating(tmp_path, changes, message):
+    import time
+
+    path = _tampered(tmp_path, **changes)
+    before = path.read_bytes()
+    started = time.perf_counter()
+    with pytest.raises(UserError, match=message):
+        load(path)
+    assert time.perf_counter() - started < 5  # refused, not allocated
+    assert path.read_bytes() == before
+
+
+def test_unknown_architecture_argument_is_one_line(tmp_path):
+    path = _tampered(tmp_path, width_multiplier=2)
+    with pytest.raises(UserError, match="argument 'width_multiplier', which create_model does not take"):
+        load(path)
+
+
+def test_read_model_file_detects_each_kind(tmp_path):
+    from norton.serialization import read_model_file
+
+    model = create_model("resnet_20")
+    norton.save(model, tmp_path / "n.pt", dataset="cifar10")
+    loaded = read_model_file(tmp_path / "n.pt")
+    assert loaded.kind == "norton model file" and loaded.trained_with == {"dataset": "cifar10"}
+    torch.save({"state_dict": model.state_dict()}, tmp_path / "ref.pt")
+    with pytest.raises(UserError, match="bare state_dict.*--arch"):
+        read_model_file(tmp_path / "ref.pt")
+    assert read_model_file(tmp_path / "ref.pt", arch="resnet_20").kind == "reference checkpoint"
+    torch.save({"something": 1}, tmp_path / "other.pt")
+    with pytest.raises(UserError, match="not a model file norton knows"):
+        read_model_file(tmp_path / "other.pt")

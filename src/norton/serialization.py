@@ -22,6 +22,7 @@ import json
 import os
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -129,7 +130,10 @@ def save(
 
 def load_checkpoint(path: str | os.PathLike, *, map_location: Any = "cpu") -> dict[str, Any]:
     """The whole norton file as a dict (format, architecture, plan, state_dict, metadata), checked."""
-    checkpoint = read_torch_file(path, map_location=map_location)
+    return _check_norton_file(read_torch_file(path, map_location=map_location), path)
+
+
+def _check_norton_file(checkpoint: Any, path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(checkpoint, Mapping) or checkpoint.get("format") != FORMAT:
         raise UserError(
             f"{path} is not a norton model file (no 'format': 'norton'); for the authors' released "
@@ -190,6 +194,92 @@ def _load_strict(model: nn.Module, state_dict: Mapping[str, Tensor], *, source: 
     if extra:
         raise UserError(f"{source} has {extra[0]!r} ({len(extra)} unexpected keys), which the model does not have")
     model.load_state_dict(state_dict, strict=True)
+
+
+# ------------------------------------------------------------- any model file
+FILE_KINDS = ("norton model file", "training checkpoint", "reference checkpoint")
+
+
+@dataclass
+class ModelFile:
+    """A model read from any file norton understands, with what the file says about it.
+
+    Attributes:
+        model: the rebuilt model (eval mode for model files, as stored for checkpoints).
+        kind: one of :data:`FILE_KINDS`.
+        trained_with: what the model was trained with: a training checkpoint's ``args``,
+            a norton file's ``metadata`` (e.g. ``{"dataset": ...}``), ``{}`` for the authors' files.
+        details: small extra facts (a training checkpoint's ``epoch`` and ``best``).
+    """
+
+    model: nn.Module
+    kind: str
+    trained_with: dict[str, Any] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def file_kind(content: Any) -> str | None:
+    """Which of :data:`FILE_KINDS` a loaded file's content is, or ``None`` if norton cannot tell."""
+    from norton.training.loop import is_training_checkpoint
+
+    if is_training_checkpoint(content):
+        return "training checkpoint"
+    if isinstance(content, Mapping) and content.get("format") == FORMAT:
+        return "norton model file"
+    if isinstance(content, Mapping) and (
+        isinstance(content.get("state_dict"), Mapping) or (content and all(isinstance(v, Tensor) for v in content.values()))
+    ):
+        return "reference checkpoint"
+    return None
+
+
+def read_model_file(
+    path: str | os.PathLike,
+    *,
+    arch: str | None = None,
+    rank: int = 0,
+    compress_rate: str | Sequence[float] | None = None,
+) -> ModelFile:
+    """Read a norton model file, a training checkpoint (``best.pt``/``last.pt``) or, with ``arch``,
+    the authors' released ``{"state_dict": ...}`` file of ``create_model(arch, rank=, compress_rate=)``.
+
+    The format is detected from the content (read once, ``weights_only``); a bare state
+    dict without ``arch`` is refused with a message saying to describe its model.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} not found: check the path")
+    if arch is not None:
+        return ModelFile(load_reference_checkpoint(path, arch, rank, compress_rate), "reference checkpoint")
+    content = read_torch_file(path)
+    kind = file_kind(content)
+    if kind == "training checkpoint":
+        from norton.training.loop import model_from_checkpoint
+
+        details = {"epoch": content.get("epoch"), "best": content.get("best")}
+        return ModelFile(model_from_checkpoint(content), kind, dict(content.get("args") or {}), details)
+    if kind == "reference checkpoint":
+        raise UserError(f"{path} holds a bare state_dict (the reference's format): describe its model with "
+                        "--arch, -r and -cpr (arch=, rank=, compress_rate=)")
+    if kind is None:
+        raise UserError(f"{path} is not a model file norton knows (a norton file, a training checkpoint, or "
+                        "the authors' {'state_dict': ...} checkpoint)")
+    checkpoint = _check_norton_file(content, path)
+    model = model_from_state(checkpoint, written_by=_written_by(checkpoint)).eval()
+    metadata = checkpoint.get("metadata")
+    return ModelFile(model, kind, dict(metadata) if isinstance(metadata, Mapping) else {})
+
+
+def load_model_file(
+    path: str | os.PathLike,
+    *,
+    arch: str | None = None,
+    rank: int = 0,
+    compress_rate: str | Sequence[float] | None = None,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """``(model, trained_with)`` from any model file; see :func:`read_model_file`."""
+    loaded = read_model_file(path, arch=arch, rank=rank, compress_rate=compress_rate)
+    return loaded.model, loaded.trained_with
 
 
 # --------------------------------------------------------------- reference checkpoints

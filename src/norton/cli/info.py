@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-from collections import Counter
 from typing import Any
 
 from norton.cli import _options as options
@@ -16,7 +15,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "the metadata and the MACs/params of a norton model file or training checkpoint.",
     )
     options.add_ckpt_option(parser, required=True, help="a norton model file or training checkpoint")
-    parser.add_argument("--input-size", dest="input_size", type=int, default=None,
+    parser.add_argument("--input-size", "--input_size", dest="input_size", type=int, default=None,
                         help="image side for MACs (default: the architecture's or the dataset's)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(func=run)
@@ -43,24 +42,25 @@ def run(args: argparse.Namespace) -> int:
 
 def describe(path: str, *, input_size: int | None = None) -> dict[str, Any]:
     """Plain-data description of a model file, as ``norton info --json`` prints it."""
-    import torch
-
     from norton.complexity import count_complexity
+    from norton.limits import check_image_side
+    from norton.plan import describe_plan, plan_of
+    from norton.serialization import read_model_file
 
-    model, trained_with = options.load_model_file(path)
-    content = torch.load(path, map_location="cpu", weights_only=True)
-    kind = "training checkpoint" if options.is_training_checkpoint(content) else "norton model file"
+    if input_size is not None:
+        check_image_side(input_size)  # before the file is read: a 100,000-pixel side would not fit in memory
+    loaded = read_model_file(path)
+    model = loaded.model
     architecture = dict(getattr(model, "norton_architecture", None) or {})
-    dataset = trained_with.get("dataset") or (content.get("metadata") or {}).get("dataset")
-    side = input_size or _default_side(architecture.get("name"), dataset)
-    complexity = count_complexity(model, (3, side, side))
-    metadata = {k: v for k, v in (content.get("metadata") or {}).items() if _is_small(v)}
-    if options.is_training_checkpoint(content):
-        metadata.update(epoch=content.get("epoch"), best=content.get("best"))
+    side = input_size or _default_side(architecture.get("name"), loaded.trained_with.get("dataset"))
+    channels = int(architecture.get("kwargs", {}).get("in_channels") or 3)
+    complexity = count_complexity(model, (channels, side, side))
+    metadata = {k: v for k, v in loaded.trained_with.items() if _is_small(v)}
+    metadata.update({k: v for k, v in loaded.details.items() if _is_small(v)})
     return {
-        "file": str(path), "kind": kind, "architecture": architecture,
-        "plan": [_summarise(step) for step in getattr(model, "norton_plan", [])],
-        "input_size": [3, side, side], "macs": int(complexity.macs), "params": int(complexity.params),
+        "file": str(path), "kind": loaded.kind, "architecture": architecture,
+        "plan": describe_plan(plan_of(model)),
+        "input_size": [channels, side, side], "macs": int(complexity.macs), "params": int(complexity.params),
         "metadata": metadata,
     }
 
@@ -75,18 +75,6 @@ def _default_side(arch: str | None, dataset: str | None) -> int:
 
         return get_model_entry(arch).input_size
     return 224
-
-
-def _summarise(step: dict[str, Any]) -> str:
-    op = step.get("op")
-    if op == "decompose":
-        ranks = Counter(step["ranks"].values())
-        return f"decompose {len(step['ranks'])} layers (ranks: " + ", ".join(f"{r}x{n}" for r, n in sorted(ranks.items())) + ")"
-    if op == "prune":
-        removed = step.get("removed", {})
-        total = sum(len(v) for v in removed.values())
-        return f"prune {total} output channels in {len(removed)} layers (criterion {step.get('criterion', '?')})"
-    return f"{op}: {', '.join(sorted(k for k in step if k != 'op'))}"
 
 
 def _is_small(value: Any) -> bool:

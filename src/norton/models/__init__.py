@@ -16,6 +16,7 @@ from torch import nn
 
 from norton.compress_rate import parse_compress_rate
 from norton.errors import UserError
+from norton.limits import check_architecture_kwargs
 from norton.models import densenet, resnet_cifar, resnet_imagenet, vgg  # noqa: F401  (registers the builders)
 from norton.models._layers import CompressRate, check_positive, check_rank
 from norton.models._registry import ModelEntry, get_model_entry, list_models, register_model
@@ -48,6 +49,8 @@ def create_model(
     """
     if not isinstance(name, str):
         raise UserError(f"model name must be a string, got {type(name).__name__}")
+    # Bounded before anything is built: a billion classes or a rank of ten million would not fit in memory.
+    check_architecture_kwargs({"rank": rank, "num_classes": num_classes, "in_channels": in_channels}, name)
     if name.startswith(TORCHVISION_PREFIX):
         return _create_torchvision(
             name, compress_rate=compress_rate, rank=rank, num_classes=num_classes, in_channels=in_channels
