@@ -25,7 +25,7 @@ def test_info_lists_every_plan_step_through_the_registry(tmp_path, capsys):
     norton.save(optimized, tmp_path / "m.pt", dataset="cifar10")
     assert main(["info", "--ckpt", str(tmp_path / "m.pt"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert [line.split()[0] for line in info["plan"]] == ["decompose", "prune", "optimize"]
+    assert [line.split()[0].rstrip(":") for line in info["plan"]] == ["decompose", "prune", "optimize"]
     assert info["kind"] == "norton model file" and info["metadata"] == {"dataset": "cifar10"}
     assert info["macs"] == norton.count_complexity(norton.load(tmp_path / "m.pt"), (3, 32, 32)).macs
 

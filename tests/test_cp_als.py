@@ -87,7 +87,7 @@ def test_random_init_same_seed_same_result_other_seed_other_result():
     first, first_errors = cp_als(filters, 5, init="random", seed=3, n_iter_max=20)
     again, again_errors = cp_als(filters, 5, init="random", seed=3, n_iter_max=20)
     other, _ = cp_als(filters, 5, init="random", seed=4, n_iter_max=20)
-    for a, b in zip(first, again):
+    for a, b in zip(first, again, strict=False):
         assert torch.equal(a, b)
     assert torch.equal(first_errors, again_errors)
     assert not torch.equal(first[1], other[1])
@@ -99,7 +99,7 @@ def test_svd_init_is_deterministic_whatever_the_global_rng():
     first, _ = cp_als(filters, 12, n_iter_max=20)  # rank 12 > 3: needs filler columns
     torch.manual_seed(2)
     again, _ = cp_als(filters, 12, n_iter_max=20)
-    for a, b in zip(first, again):
+    for a, b in zip(first, again, strict=False):
         assert torch.equal(a, b)
 
 
@@ -186,7 +186,7 @@ def test_cp_als_many_matches_cp_als_per_batch():
     layers = [conv_filters(3, 6, seed=1), conv_filters(24, 5, seed=2), conv_filters(8, 4, kernel=5, seed=3)]
     results = cp_als_many(layers, [3, 3, 4])
     assert len(results) == 3
-    for weights, rank, (factors, errors) in zip(layers, [3, 3, 4], results):
+    for weights, rank, (factors, errors) in zip(layers, [3, 3, 4], results, strict=False):
         n, i, j, k = weights.shape
         assert [tuple(f.shape) for f in factors] == [(n, i, rank), (n, j, rank), (n, k, rank)]
         _, alone = cp_als(weights, rank)

@@ -65,7 +65,7 @@ def test_dense_weight_gradient_matches_the_einsum_definition():
     expected = torch.einsum("rnc,rnh,rnw->nchw", head, body, tail)
     grad = torch.randn_like(expected)
     for ours, reference in zip(torch.autograd.grad(block.dense_weight(), weights, grad),
-                               torch.autograd.grad(expected, weights, grad)):
+                               torch.autograd.grad(expected, weights, grad), strict=False):
         torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
 
 
@@ -75,10 +75,10 @@ def test_factors_round_trip():
     assert [tuple(f.shape) for f in factors] == [(4, 6, 2), (4, 3, 2), (4, 5, 2)]
     other = random_block(c_in=6, c_out=4, rank=2, kernel=(3, 5), seed=1)
     other.set_factors(factors)
-    for mine, theirs in zip(factors, other.factors()):
+    for mine, theirs in zip(factors, other.factors(), strict=False):
         assert torch.equal(mine, theirs)
     rebuilt = CPDBlock.from_factors(factors)
-    for mine, theirs in zip(factors, rebuilt.factors()):
+    for mine, theirs in zip(factors, rebuilt.factors(), strict=False):
         assert torch.equal(mine, theirs)
 
 

@@ -35,15 +35,19 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from norton.errors import UserError
+
+if TYPE_CHECKING:  # the block type only: norton.decomposition imports this module
+    from norton.decomposition.cpd_block import CPDBlock
 from norton.limits import check_input_size
 
-Rule = Callable[[nn.Module, Tensor, Tensor], float]
+# A rule reads the attributes of the module types it is registered for (kernel_size, groups, ...).
+Rule = Callable[[Any, Tensor, Tensor], float]
 
 CONVENTIONS = ("conv+linear", "reference", "ptflops-modules", "thop")
 ALIASES = {"ptflops": "reference"}
@@ -91,7 +95,7 @@ def conv2d_macs(conv: nn.Conv2d, input_hw: Sequence[int]) -> int:
 CPD_FORMS = ("cpd", "merged", "grouped", "dense")
 
 
-def cpd_block_macs(block: nn.Module, input_hw: Sequence[int], form: str = "cpd") -> int:
+def cpd_block_macs(block: CPDBlock, input_hw: Sequence[int], form: str = "cpd") -> int:
     """MACs of a CPDBlock (``N`` filters, ``C_in``, rank ``R``) on one ``(H, W)`` input, in one of its forms.
 
     ``"cpd"``: pointwise ``C_in -> R*N`` on the input grid, depthwise ``k_h x 1`` (vertical
@@ -123,7 +127,7 @@ def _prod(values: Sequence[int]) -> int:
     return math.prod(int(v) for v in values)
 
 
-def _conv_macs(module: nn.Module, x: Tensor, y: Tensor) -> float:
+def _conv_macs(module: Any, x: Tensor, y: Tensor) -> float:
     """``out_elements * C_in/groups * prod(kernel)``; transposed convs scatter from each input element."""
     kernel = _prod(module.kernel_size)
     if module.transposed:
@@ -131,37 +135,37 @@ def _conv_macs(module: nn.Module, x: Tensor, y: Tensor) -> float:
     return y.numel() * (module.in_channels // module.groups) * kernel
 
 
-def _linear_macs(module: nn.Module, x: Tensor, y: Tensor) -> float:
+def _linear_macs(module: Any, x: Tensor, y: Tensor) -> float:
     return y.numel() * module.in_features
 
 
 # ptflops 0.7 ``MODULES_MAPPING`` (pytorch backend, functional patching off).
-def _ptflops_conv(module: nn.Module, x: Tensor, y: Tensor) -> float:
+def _ptflops_conv(module: Any, x: Tensor, y: Tensor) -> float:
     spatial = x.shape[2:] if module.transposed else y.shape[2:]
     per_position = _prod(module.kernel_size) * module.in_channels * (module.out_channels // module.groups)
     bias = y.numel() if module.bias is not None else 0
     return per_position * x.shape[0] * _prod(spatial) + bias
 
 
-def _ptflops_linear(module: nn.Module, x: Tensor, y: Tensor) -> float:
+def _ptflops_linear(module: Any, x: Tensor, y: Tensor) -> float:
     bias = y.shape[-1] if module.bias is not None else 0
     return (x.shape[-1] * y.shape[-1] + bias) * _prod(x.shape[:-1])
 
 
-def _ptflops_norm(module: nn.Module, x: Tensor, y: Tensor) -> float:
+def _ptflops_norm(module: Any, x: Tensor, y: Tensor) -> float:
     # ptflops reads ``affine``, which LayerNorm does not have (it has ``elementwise_affine``).
     return x.numel() * (2 if getattr(module, "affine", False) else 1)
 
 
-def _output_elements(module: nn.Module, x: Tensor, y: Tensor) -> float:
+def _output_elements(module: Any, x: Tensor, y: Tensor) -> float:
     return y.numel()
 
 
-def _input_elements(module: nn.Module, x: Tensor, y: Tensor) -> float:
+def _input_elements(module: Any, x: Tensor, y: Tensor) -> float:
     return x.numel()
 
 
-def _free(module: nn.Module, x: Tensor, y: Tensor) -> float:
+def _free(module: Any, x: Tensor, y: Tensor) -> float:
     return 0
 
 
@@ -191,22 +195,22 @@ _PTFLOPS_RULES: dict[type, Rule] = {
 
 
 # thop 0.1.1.post2209072238 ``register_hooks``.
-def _thop_conv(module: nn.Module, x: Tensor, y: Tensor) -> float:
+def _thop_conv(module: Any, x: Tensor, y: Tensor) -> float:
     return y.numel() * (x.shape[1] // module.groups) * _prod(module.weight.shape[2:])
 
 
-def _thop_norm(module: nn.Module, x: Tensor, y: Tensor) -> float:
+def _thop_norm(module: Any, x: Tensor, y: Tensor) -> float:
     # thop counts 2 ops per element, and doubles that again for an affine norm.
     affine = getattr(module, "affine", False) or getattr(module, "elementwise_affine", False)
     return 2 * x.numel() * (2 if affine else 1)
 
 
-def _thop_adaptive_avgpool(module: nn.Module, x: Tensor, y: Tensor) -> float:
-    window = math.prod(float(i) / float(o) for i, o in zip(x.shape[2:], y.shape[2:]))
+def _thop_adaptive_avgpool(module: Any, x: Tensor, y: Tensor) -> float:
+    window = math.prod(float(i) / float(o) for i, o in zip(x.shape[2:], y.shape[2:], strict=False))
     return int((window + 1) * y.numel())
 
 
-def _thop_softmax(module: nn.Module, x: Tensor, y: Tensor) -> float:
+def _thop_softmax(module: Any, x: Tensor, y: Tensor) -> float:
     features = x.shape[module.dim]
     return (x.numel() // features) * (3 * features - 1)
 
@@ -214,7 +218,7 @@ def _thop_softmax(module: nn.Module, x: Tensor, y: Tensor) -> float:
 _THOP_UPSAMPLE_COST = {"nearest": 1, "linear": 5, "bilinear": 11, "bicubic": 259}
 
 
-def _thop_upsample(module: nn.Module, x: Tensor, y: Tensor) -> float:
+def _thop_upsample(module: Any, x: Tensor, y: Tensor) -> float:
     return y.numel() * _THOP_UPSAMPLE_COST.get(module.mode, 0)
 
 
@@ -289,14 +293,14 @@ def count_complexity(
         per_layer: also return one row per counted module in ``layers``.
     """
     convention = _check_convention(convention)
-    if (input_size is None) == (example_inputs is None):
-        raise UserError("count_complexity needs exactly one of input_size or example_inputs")
-    if example_inputs is not None:
+    if example_inputs is not None and input_size is None:
         inputs = _move_inputs(example_inputs, model)
         shape = tuple(_first_tensor(inputs).shape)
-    else:
+    elif input_size is not None and example_inputs is None:
         shape = _check_input_size(input_size)
         inputs = _example_input(model, shape)
+    else:
+        raise UserError("count_complexity needs exactly one of input_size or example_inputs")
     tallies = _count_macs(model, inputs, shape[0] if len(shape) > 1 else 1)
     totals = _count_params(model, tallies)
     if convention == "reference":  # the reference printed min(ptflops, thop), MACs and params separately
@@ -443,7 +447,7 @@ def _add(table: dict[str, float], name: str, value: float) -> None:
 
 
 def _example_input(model: nn.Module, shape: tuple[int, ...]) -> Tensor:
-    reference = next(model.parameters(), None)
+    reference: Tensor | None = next(model.parameters(), None)
     if reference is None:
         reference = next(model.buffers(), None)
     if reference is None or not reference.is_floating_point():

@@ -15,7 +15,7 @@ Amounts (the *how much* of pruning) have one meaning everywhere:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from norton.errors import UserError
@@ -88,7 +88,7 @@ def check_target_macs(value: Any, name: str = "target_macs") -> float:
 
 
 def check_rank(value: Any, name: str = "rank", *, in_channels: int | None = None,
-               kernel_size: tuple[int, int] | None = None) -> int:
+               kernel_size: Sequence[int] | None = None) -> int:
     """A CP rank: a positive int, at most ``C_in * max(k_h, k_w)`` when the layer is known."""
     rank = check_int(value, name, minimum=1, maximum=MAX_RANK)
     if in_channels is not None and kernel_size is not None:

@@ -135,7 +135,7 @@ def append_record(model: nn.Module, record: Mapping[str, Any]) -> None:
     plan = getattr(model, "norton_plan", None)
     if plan is None:
         plan = []
-        model.norton_plan = plan
+        object.__setattr__(model, "norton_plan", plan)  # plain data, not a submodule or parameter
     plan.append(plain_record(record))
 
 

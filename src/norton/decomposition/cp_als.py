@@ -130,9 +130,8 @@ def cp_als_many(
     tensors = list(tensors)
     for index, batch in enumerate(tensors):
         _check_tensors(batch, f"tensors[{index}]")
-    if isinstance(ranks, int) and not isinstance(ranks, bool):
-        ranks = [ranks] * len(tensors)
-    ranks = list(ranks)
+    # a bool is refused by _check_options below, as a rank of its own
+    ranks = [ranks] * len(tensors) if isinstance(ranks, int) else list(ranks)
     if len(ranks) != len(tensors):
         raise UserError(f"got {len(ranks)} ranks for {len(tensors)} tensors; pass one rank or one per tensor")
     for rank in ranks:
@@ -141,12 +140,12 @@ def cp_als_many(
         raise UserError("all tensors given to cp_als_many must be on one device; move them there first")
 
     groups: dict[tuple, list[int]] = {}
-    for index, (batch, rank) in enumerate(zip(tensors, ranks)):
+    for index, (batch, rank) in enumerate(zip(tensors, ranks, strict=False)):
         groups.setdefault((tuple(batch.shape[2:]), rank, _working_dtype(batch.dtype)), []).append(index)
     results: list = [None] * len(tensors)
     for (_, rank, _), indices in groups.items():
         factors, errors, _ = _decompose([tensors[i] for i in indices], rank, n_iter_max, tol, init, seed)
-        for i, layer_factors, layer_errors in zip(indices, factors, errors.split([len(tensors[i]) for i in indices])):
+        for i, layer_factors, layer_errors in zip(indices, factors, errors.split([len(tensors[i]) for i in indices]), strict=False):
             results[i] = (layer_factors, layer_errors)
     return results
 
@@ -192,14 +191,15 @@ def _decompose(
     out: list[CPFactors] = []
     sizes = [len(core) for core in cores]
     for basis, core, norm, a, b, c, batch in zip(
-        bases, cores, norms, a_core.split(sizes), body.split(sizes), tail.split(sizes), batches
+        bases, cores, norms, a_core.split(sizes), body.split(sizes), tail.split(sizes), batches, strict=False
     ):
         a = a[:, : core.shape[1]]  # drop the padding rows (zero)
         # contiguous: bmm on this strided view takes a per-matrix slow path (1000x slower)
         a = a if basis is None else basis @ a.contiguous()  # (B, m, R) -> (B, I, R)
         factors = _balance((a * norm[:, None, None], b, c))  # undo the normalisation
         dtype = batch.dtype if batch.dtype.is_floating_point else work
-        out.append(tuple(f.to(dtype).contiguous() for f in factors))
+        head, body, tail = (f.to(dtype).contiguous() for f in factors)
+        out.append((head, body, tail))
     return out, errors, history
 
 
@@ -249,10 +249,11 @@ def _balance(factors: CPFactors) -> CPFactors:
     """
     norms = [f.norm(dim=1, keepdim=True) for f in factors]  # 3 x (B, 1, R)
     target = (norms[0] * norms[1] * norms[2]).pow(1 / 3)
-    return tuple(
+    a, b, c = (
         torch.where(norm > 0, f * (target / torch.where(norm > 0, norm, 1.0)), 0.0)
-        for f, norm in zip(factors, norms)
+        for f, norm in zip(factors, norms, strict=True)
     )
+    return a, b, c
 
 
 # ------------------------------------------------------------------ ALS kernel

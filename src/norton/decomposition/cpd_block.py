@@ -20,7 +20,7 @@ of the NORTON reference implementation, so its released checkpoints load.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -28,10 +28,11 @@ from torch import Tensor, nn
 from norton.decomposition.cp_tensor import CPFactors
 from norton.limits import check_rank
 
-IntPair = int | tuple[int, int]
+IntPair = int | tuple[int, ...]  # an int or a pair (checked at run time)
+PaddingMode = Literal["zeros", "reflect", "replicate", "circular"]
 
 
-def _pair(value: IntPair, name: str) -> tuple[int, int]:
+def _pair(value: object, name: str) -> tuple[int, int]:
     if isinstance(value, int):
         return (value, value)
     if isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, int) for v in value):
@@ -45,7 +46,7 @@ def conv_padding(conv: nn.Conv2d) -> tuple[int, int]:
         return (0, 0)
     if conv.padding == "same":
         pads = []
-        for k, d in zip(conv.kernel_size, conv.dilation):
+        for k, d in zip(conv.kernel_size, conv.dilation, strict=False):
             total = d * (k - 1)
             if total % 2:
                 raise ValueError(
@@ -82,7 +83,7 @@ class CPDBlock(nn.Module):
         padding: IntPair = 0,
         dilation: IntPair = 1,
         bias: bool = True,
-        padding_mode: str = "zeros",
+        padding_mode: PaddingMode = "zeros",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -121,6 +122,22 @@ class CPDBlock(nn.Module):
         )
         self.bias = nn.Parameter(torch.zeros(out_channels, **factory)) if bias else None
 
+    # The three convolutions, typed (``self.feature``'s children, whose names the state dict keeps).
+    @property
+    def pointwise(self) -> nn.Conv2d:
+        """The 1x1 conv ``C_in -> R*N``: weight ``(R*N, C_in, 1, 1)``, the heads."""
+        return cast(nn.Conv2d, self.feature.pointwise)
+
+    @property
+    def vertical(self) -> nn.Conv2d:
+        """The depthwise ``k_h x 1`` conv: weight ``(R*N, 1, k_h, 1)``, the bodies."""
+        return cast(nn.Conv2d, self.feature.vertical)
+
+    @property
+    def horizontal(self) -> nn.Conv2d:
+        """The depthwise ``1 x k_w`` conv: weight ``(R*N, 1, 1, k_w)``, the tails."""
+        return cast(nn.Conv2d, self.feature.horizontal)
+
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> Tensor:
         y = self.feature(x)  # (B, R*N, H', W')
@@ -142,9 +159,9 @@ class CPDBlock(nn.Module):
         Views of the parameters' data (no gradient); clone before modifying.
         """
         n, r = self.out_channels, self.rank
-        pointwise = self.feature.pointwise.weight.detach()  # (R*N, C_in, 1, 1)
-        vertical = self.feature.vertical.weight.detach()  # (R*N, 1, k_h, 1)
-        horizontal = self.feature.horizontal.weight.detach()  # (R*N, 1, 1, k_w)
+        pointwise = self.pointwise.weight.detach()  # (R*N, C_in, 1, 1)
+        vertical = self.vertical.weight.detach()  # (R*N, 1, k_h, 1)
+        horizontal = self.horizontal.weight.detach()  # (R*N, 1, 1, k_w)
         head = pointwise.reshape(r, n, self.in_channels).permute(1, 2, 0)  # (N, C_in, R)
         body = vertical.reshape(r, n, self.kernel_size[0]).permute(1, 2, 0)  # (N, k_h, R)
         tail = horizontal.reshape(r, n, self.kernel_size[1]).permute(1, 2, 0)  # (N, k_w, R)
@@ -156,20 +173,20 @@ class CPDBlock(nn.Module):
         head, body, tail = factors
         n, r = self.out_channels, self.rank
         expected = ((n, self.in_channels, r), (n, self.kernel_size[0], r), (n, self.kernel_size[1], r))
-        for name, tensor, shape in zip(("head", "body", "tail"), factors, expected):
+        for name, tensor, shape in zip(("head", "body", "tail"), factors, expected, strict=False):
             if tuple(tensor.shape) != shape:
                 raise ValueError(f"{name} factor must have shape {shape}, got {tuple(tensor.shape)}")
         # (N, X, R) -> (R, N, X) -> (R*N, X): rank-major intermediate channels
-        self.feature.pointwise.weight.copy_(head.permute(2, 0, 1).reshape(r * n, -1, 1, 1))
-        self.feature.vertical.weight.copy_(body.permute(2, 0, 1).reshape(r * n, 1, -1, 1))
-        self.feature.horizontal.weight.copy_(tail.permute(2, 0, 1).reshape(r * n, 1, 1, -1))
+        self.pointwise.weight.copy_(head.permute(2, 0, 1).reshape(r * n, -1, 1, 1))
+        self.vertical.weight.copy_(body.permute(2, 0, 1).reshape(r * n, 1, -1, 1))
+        self.horizontal.weight.copy_(tail.permute(2, 0, 1).reshape(r * n, 1, 1, -1))
 
     def dense_weight(self) -> Tensor:
         """The equivalent dense kernel ``(N, C_in, k_h, k_w)`` (differentiable in the factors)."""
         n, r = self.out_channels, self.rank
-        head = self.feature.pointwise.weight.reshape(r, n, self.in_channels)  # (R, N, C_in)
-        body = self.feature.vertical.weight.reshape(r, n, self.kernel_size[0])  # (R, N, k_h)
-        tail = self.feature.horizontal.weight.reshape(r, n, self.kernel_size[1])  # (R, N, k_w)
+        head = self.pointwise.weight.reshape(r, n, self.in_channels)  # (R, N, C_in)
+        body = self.vertical.weight.reshape(r, n, self.kernel_size[0])  # (R, N, k_h)
+        tail = self.horizontal.weight.reshape(r, n, self.kernel_size[1])  # (R, N, k_w)
         # W[n, c, hw] = sum_r head[r, n, c] (body o tail)[r, n, hw]: one bmm over filters, 2-5x
         # faster forward and backward on CPU than the three-operand einsum (the dense
         # training form rebuilds this kernel every step)
@@ -187,7 +204,7 @@ class CPDBlock(nn.Module):
         stride: IntPair = 1,
         padding: IntPair = 0,
         dilation: IntPair = 1,
-        padding_mode: str = "zeros",
+        padding_mode: PaddingMode = "zeros",
     ) -> CPDBlock:
         """Build a block from per-filter factors ``(N, C_in, R), (N, k_h, R), (N, k_w, R)``."""
         head, body, tail = factors
@@ -197,7 +214,7 @@ class CPDBlock(nn.Module):
             bias=bias is not None, padding_mode=padding_mode, device=head.device, dtype=head.dtype,
         )
         block.set_factors(factors)
-        if bias is not None:
+        if bias is not None and block.bias is not None:
             with torch.no_grad():
                 block.bias.copy_(bias)
         return block
@@ -243,7 +260,7 @@ class CPDBlock(nn.Module):
         )
         with torch.no_grad():
             conv.weight.copy_(weight)
-            if self.bias is not None:
+            if self.bias is not None and conv.bias is not None:
                 conv.bias.copy_(self.bias)
         return conv
 

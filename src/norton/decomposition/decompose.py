@@ -168,7 +168,7 @@ def decompose(
         bar.set_postfix_str(name)
         weight = conv.weight.detach()  # (N, C_in, k_h, k_w)
 
-        def run(r: int) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor]:
+        def run(r: int, weight: Tensor = weight) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor]:
             return cp_als(weight, r, n_iter_max=n_iter_max, tol=tol, init=init, seed=seed)
 
         if isinstance(mapping, MaxError):
@@ -227,6 +227,11 @@ def replay_decompose(model: nn.Module, record: Mapping[str, Any]) -> nn.Module:
     return model
 
 
+def _decompose_in_place(model: nn.Module, rank: int) -> nn.Module:
+    decompose(model, rank, progress=False)
+    return model
+
+
 def check_decompose_record(record: Mapping[str, Any]) -> None:
     """``{"op": "decompose", "ranks": {layer name: rank}}`` with ranks in ``[1, MAX_RANK]``."""
     if not isinstance(record, Mapping) or record.get("op") != "decompose":
@@ -252,7 +257,7 @@ register_operation(PlanOperation(
     check=check_decompose_record,
     replay=replay_decompose,
     describe=describe_decompose_record,
-    example=lambda model, example_inputs: decompose(model, 2, progress=False),
+    example=lambda model, example_inputs: _decompose_in_place(model, 2),
 ))
 
 
@@ -272,7 +277,7 @@ def format_report(report: Iterable[LayerDecomposition]) -> str:
 
 
 # ----------------------------------------------------------------- helpers
-def _normalise_rank(rank: RankSpec) -> RankSpec:
+def _normalise_rank(rank: RankSpec) -> Mapping[str, int] | RankRule | MaxError:
     if isinstance(rank, bool):
         raise UserError(f"rank must be a positive integer, a mapping, or a rule, got {rank!r}")
     if isinstance(rank, int):

@@ -66,8 +66,13 @@ def create_model(
     model = entry.builder(**kwargs)
     if kwargs["compress_rate"] is not None:
         kwargs["compress_rate"] = kwargs["compress_rate"][: entry.compress_rate_length]
-    model.norton_architecture = {"name": name, "kwargs": kwargs}
+    set_architecture(model, {"name": name, "kwargs": kwargs})
     return model
+
+
+def set_architecture(model: nn.Module, architecture: dict[str, Any]) -> None:
+    """Record how ``model`` was built (plain data; not a parameter, buffer or submodule)."""
+    object.__setattr__(model, "norton_architecture", architecture)
 
 
 def _create_torchvision(
@@ -87,5 +92,5 @@ def _create_torchvision(
         raise UserError(f"unknown torchvision classifier {short!r}; available: {', '.join(available)}")
     num_classes = 1000 if num_classes is None else check_positive(num_classes, "num_classes")
     model = torchvision.models.get_model(short, weights=None, num_classes=num_classes)
-    model.norton_architecture = {"name": name, "kwargs": {"num_classes": num_classes}}
+    set_architecture(model, {"name": name, "kwargs": {"num_classes": num_classes}})
     return model

@@ -67,6 +67,14 @@ class DenseNet(nn.Module):
         transition_widths: output width of each of the ``len(new_channels) - 1`` transitions.
     """
 
+
+    # Blocks are added by name in a loop; declared here for type checkers.
+    dense1: nn.Sequential
+    dense2: nn.Sequential
+    dense3: nn.Sequential
+    trans1: nn.Module
+    trans2: nn.Module
+
     def __init__(
         self,
         new_channels: Sequence[Sequence[int]],

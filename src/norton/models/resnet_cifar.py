@@ -118,6 +118,12 @@ class CifarResNet(nn.Module):
         head_name: attribute name of the final ``nn.Linear`` (``"fc"`` or ``"linear"``).
     """
 
+
+    # Stages are added by name in a loop; declared here for type checkers.
+    layer1: nn.Sequential
+    layer2: nn.Sequential
+    layer3: nn.Sequential
+
     def __init__(
         self,
         stem_width: int,

@@ -68,6 +68,13 @@ class ResNet50(nn.Module):
         block_widths: per stage, per block ``(mid_width, out_width)``.
     """
 
+
+    # Stages are added by name in a loop; declared here for type checkers.
+    layer1: nn.Sequential
+    layer2: nn.Sequential
+    layer3: nn.Sequential
+    layer4: nn.Sequential
+
     def __init__(
         self,
         stem_width: int,
@@ -129,7 +136,7 @@ def resnet_50(
             )
             for block in range(blocks)
         ]
-        for stage, (width, blocks) in enumerate(zip(STAGE_WIDTHS, BLOCKS_PER_STAGE))
+        for stage, (width, blocks) in enumerate(zip(STAGE_WIDTHS, BLOCKS_PER_STAGE, strict=False))
     ]
     stem = pruned_width(STEM_WIDTH, rates[0], "conv1")
     return ResNet50(stem, block_widths, rank=rank, num_classes=num_classes, in_channels=in_channels)

@@ -34,7 +34,7 @@ class VGG(nn.Module):
         self.features = nn.Sequential()
         channels = in_channels
         for i, width in enumerate(widths):
-            if width == "M":
+            if isinstance(width, str):  # "M"
                 self.features.add_module(f"pool{i}", nn.MaxPool2d(kernel_size=2, stride=2))
                 continue
             # The reference's CPDBlock defaults to bias=True and VGG keeps that default.
@@ -75,7 +75,7 @@ def _create_vgg(
         compress_rate = rates + [0.0] if len(rates) == len(names) - 1 else rates
     per_conv = iter(expand_compress_rate(compress_rate, names, name))
     widths: Config = [
-        width if width == "M" else pruned_width(width, next(per_conv), f"features.conv{i}")
+        width if isinstance(width, str) else pruned_width(width, next(per_conv), f"features.conv{i}")
         for i, width in enumerate(config)
     ]
     # The classifier's hidden layer keeps the uncompressed width of the last conv, as in the reference.
