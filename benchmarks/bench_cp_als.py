@@ -104,7 +104,7 @@ def main() -> None:
 
     rows, all_ours, all_ref = [], [], []
     with tensorly.backend_context("pytorch"):
-        for (name, weight), (_, ours), layer_s in zip(layers, batched, per_layer_s):
+        for (name, weight), (_, ours), layer_s in zip(layers, batched, per_layer_s, strict=False):
             n = weight.shape[0]
             if args.full or args.sample >= n:
                 indices = list(range(n))
@@ -128,7 +128,7 @@ def main() -> None:
         results = cp_als_many(weights, args.rank, n_iter_max=n_iter_max, tol=0.0)
         seconds = time.perf_counter() - start
         every = torch.cat([errors for _, errors in results])
-        sampled = torch.cat([errors[row["indices"]] for (_, errors), row in zip(results, rows)])
+        sampled = torch.cat([errors[row["indices"]] for (_, errors), row in zip(results, rows, strict=False)])
         budgets.append((n_iter_max, seconds, float(every.mean()), float(sampled.mean())))
     load_after = os.getloadavg()
 
