@@ -64,7 +64,12 @@ def test_per_layer_table(capsys):
         (["--arch", "resnet_57"], "unknown model 'resnet_57'"),
         (["--arch", "resnet_56", "-cpr", "[0.1]*x"], "position 6"),
         (["--arch", "resnet_56", "-cpr", "[0.1]*3"], "needs 30 compress rates"),
-        (["--arch", "resnet_56", "-r", "-1"], "rank must be an integer >= 0"),
+        (["--arch", "resnet_56", "-r", "-1"], "-r/--rank must be in [0, 65,536], got -1"),
+        # bounded before anything is built: this rank once allocated terabytes
+        (["--arch", "resnet_56", "-r", "10000000"], "-r/--rank must be in [0, 65,536], got 10,000,000"),
+        (["--arch", "resnet_56", "-cpr", "[0.1]*99999999999"], "more than 10,000 rates"),
+        (["--arch", "resnet_56", "--input-size", "100000"], "--input-size must be in [1, 8,192]"),
+        (["--arch", "resnet_56", "--input-size", "0"], "--input-size must be in [1, 8,192]"),
     ],
 )
 def test_user_errors_are_one_line(capsys, argv, message):

@@ -1,5 +1,6 @@
 """The compression commands end to end, on a small Fashion-MNIST subset, and their user errors."""
 import json
+import math
 
 import pytest
 import torch
@@ -86,23 +87,103 @@ def test_decompose_prune_and_info_commands_on_a_checkpoint(tmp_path, capsys):
     assert pruned and all(width % 5 == 0 for width in pruned.values()), pruned
 
 
+@pytest.fixture
+def no_work(monkeypatch):
+    """Fail loudly if a command loads data, trains, decomposes or prunes: its checks must come first."""
+    import norton.pipeline
+    import norton.training.data
+    import norton.training.loop
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("work started before the arguments were checked")
+
+    monkeypatch.setattr(norton.training.data, "build_datasets", forbidden)
+    monkeypatch.setattr(norton.training.loop, "fit", forbidden)
+    monkeypatch.setattr(norton.pipeline, "decompose", forbidden)
+    monkeypatch.setattr(norton.pipeline, "_prune", forbidden)
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    """A small norton file, and a function saying whether it is unchanged."""
+    path = tmp_path / "model.pt"
+    norton.save(norton.create_model("resnet_20"), path, dataset="synthetic")
+    content = path.read_bytes()
+    return path, lambda: path.read_bytes() == content
+
+
 @pytest.mark.parametrize(
     "extra, expected",
     [
-        (["--target-macs", "1.5"], "target-macs"),
-        (["--ratio", "1.0"], "--ratio"),
+        (["--target-macs", "1.5"], "target_macs is the fraction of the original model's MACs"),
+        (["--target-macs", "0"], "(0, 1]"),
+        (["--ratio", "1.0"], "ratio is the fraction of filters removed"),
         (["--criterion", "nope", "--ratio", "0.2"], "nope"),
-        (["-r", "-2"], "rank"),
-        (["--decompose-epochs", "-1", "-r", "2"], "decompose-epochs"),
-        (["--round-to", "0", "--ratio", "0.2"], "--round-to"),
-        (["--round-to", "8", "-r", "1", "-cpr", "[0.2]*9"], "--round-to"),
+        (["-r", "-2"], "-r/--rank must be in [0, 65,536], got -2"),
+        (["-r", "1000000"], "-r/--rank must be in [0, 65,536], got 1,000,000"),
+        (["-r", "2", "-cpr", "[0.1]*99999999999"], "more than 10,000 rates"),
+        (["--decompose-epochs", "-1", "-r", "2"], "decompose fine-tuning epochs"),
+        (["--finetune-lr", "nan", "-r", "2"], "decompose fine-tuning learning rate must be a finite number, got nan"),
+        (["--finetune-lr", "nan", "--ratio", "0.5"], "fine-tuning learning rate must be a finite number"),
+        (["--lr", "nan", "-r", "2"], "baseline learning rate must be a finite number"),
+        (["--baseline-epochs", "0", "-r", "2"], "baseline_epochs must be in [1, 100,000], got 0"),
+        (["--round-to", "0", "--ratio", "0.2"], "round_to must be in [1, 4,096], got 0"),
+        (["--round-to", "8", "-r", "1", "-cpr", "[0.2]*9"], "round_to applies to ratio and target_macs"),
     ],
 )
-def test_compress_user_errors_are_one_line(capsys, tmp_path, extra, expected):
+def test_compress_user_errors_are_one_line_and_come_before_any_work(capsys, tmp_path, no_work, extra, expected):
     err = one_line_error(capsys, ["compress", "--arch", "resnet_20", "--dataset", "synthetic",
                                   "--output", str(tmp_path / "x"), *QUICK, *extra])
     assert expected in err
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["decompose", "-r", "1000000"], "rank must be in [1, 65,536], got 1,000,000"),
+        (["decompose", "-r", "0"], "rank must be in [1, 65,536], got 0"),
+        (["decompose", "-r", "10"], "rank for layer 'conv1' 10 is above 9"),  # C_in x k of the 3-channel stem
+        (["decompose", "-r", "2", "--lr", "nan"], "decompose fine-tuning learning rate"),
+        (["prune", "--ratio", "0.5", "--lr", "nan"], "prune fine-tuning learning rate must be a finite number"),
+        (["prune", "--ratio", "0.5", "--epochs", "-1"], "prune fine-tuning epochs"),
+        (["prune", "--target-macs", "1.01"], "(0, 1]"),
+        (["prune", "-cpr", "[0.1]*99999999999"], "more than 10,000 rates"),
+        (["prune", "--ratio", "0.5", "--round-to", "100000"], "round_to must be in [1, 4,096]"),
+    ],
+)
+def test_decompose_and_prune_refuse_before_any_work_and_leave_the_file(capsys, tmp_path, no_work, model_file,
+                                                                        argv, expected):
+    path, unchanged = model_file
+    err = one_line_error(capsys, [*argv, "--ckpt", str(path), "--output", str(tmp_path / "out"), *QUICK])
+    assert expected in err
+    assert unchanged() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_a_refused_prune_leaves_nothing_that_blocks_the_corrected_rerun(capsys, tmp_path, model_file):
+    path, unchanged = model_file
+    out = tmp_path / "out"
+    argv = ["prune", "--ckpt", str(path), "--ratio", "0.5", "--criterion", "l1", "--output", str(out), *QUICK]
+    one_line_error(capsys, [*argv, "--lr", "nan"])
+    assert main([*argv, "--epochs", "0", "--json"]) == 0  # no "pass --resume": nothing was left behind
+    summary = json.loads(capsys.readouterr().out)
+    assert [s["name"] for s in summary["stages"]] == ["baseline", "pruned"]
+    assert summary["stages"][1]["macs"] < summary["stages"][0]["macs"]
+    assert unchanged()
+
+
+def test_summary_json_is_strict_json_with_null_for_nan(tmp_path):
+    from norton.report import write_report
+
+    stages = [{"name": "baseline", "top1": 10.0, "macs": 100, "params": 10, "test_loss": math.nan},
+              {"name": "pruned", "top1": math.nan, "macs": 50, "params": 5, "test_loss": torch.tensor(math.inf)}]
+    paths = write_report(tmp_path, stages)
+    text = paths["json"].read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    summary = json.loads(text, parse_constant=lambda name: pytest.fail(f"non-JSON constant {name}"))
+    assert summary["stages"][0]["test_loss"] is None and summary["stages"][1]["top1"] is None
+    assert summary["stages"][1]["test_loss"] is None and summary["stages"][1]["macs"] == 50
 
 
 def test_missing_checkpoint_is_one_line(capsys, tmp_path):

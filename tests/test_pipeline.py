@@ -1,9 +1,74 @@
-"""norton.pipeline.compress: argument checks that must fail before any training or decomposition."""
-import pytest
+"""norton.pipeline.compress: a real (tiny) compression end to end, and argument checks before any work."""
+import math
 
+import pytest
+import torch
+
+import norton
+import norton.pipeline as pipeline
 from norton.errors import UserError
 from norton.models import create_model
-from norton.pipeline import compress
+from norton.pipeline import FineTune, check_compress_arguments, compress
+from norton.training.data import build_datasets, build_loaders
+
+ONE_EPOCH = FineTune(epochs=1, lr=0.01)
+
+
+@pytest.fixture(scope="module")
+def tiny_loaders():
+    splits = build_datasets("synthetic", limit=32, val_size=16, seed=0)  # 32 train, 16 val, 32 test images
+    return build_loaders(splits, batch_size=16, workers=0, seed=0)
+
+
+@pytest.mark.slow
+def test_a_real_compression_records_its_stages_saves_them_and_resumes(tiny_loaders, tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = create_model("resnet_20")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = compress(
+        model, tiny_loaders, input_size=(3, 32, 32), rank=2, ratio=0.5, criterion="l1",
+        decompose_finetune=ONE_EPOCH, prune_finetune=ONE_EPOCH, output_dir=tmp_path, device="cpu",
+        progress=False, log=lambda message: None,
+    )
+    stages = result.stages
+    assert [s["name"] for s in stages] == ["baseline", "decomposed", "pruned"]
+    macs = [s["macs"] for s in stages]
+    params = [s["params"] for s in stages]
+    assert macs[0] > macs[1] > macs[2] > 0 and params[0] > params[1] > params[2] > 0
+    for stage in stages:
+        assert 0 <= stage["top1"] <= 100 and stage["top1"] <= stage["top5"] <= 100
+        assert math.isfinite(stage["test_loss"])
+    assert [s.get("finetune_epochs") for s in stages] == [None, 1, 1]
+    assert all(0 <= s["validation_top1_before_finetune"] <= 100 for s in stages[1:])
+    # the input model is untouched, the returned one matches the last record
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert norton.count_complexity(result.model, (3, 32, 32)).macs == macs[2]
+
+    # every stage's final.pt loads with norton.load and carries the plan so far
+    x = torch.randn(2, 3, 32, 32)
+    result.model.eval()
+    for name, ops in (("decomposed", ["decompose"]), ("pruned", ["decompose", "prune"])):
+        loaded = norton.load(tmp_path / name / "final.pt")
+        assert [step["op"] for step in loaded.norton_plan] == ops
+        assert norton.count_complexity(loaded, (3, 32, 32)).macs == stages[[s["name"] for s in stages].index(name)]["macs"]
+    loaded = norton.load(tmp_path / "pruned" / "final.pt").eval()
+    torch.testing.assert_close(loaded(x), result.model(x), rtol=1e-4, atol=1e-5)
+    assert loaded.norton_plan[1]["criterion"] == "l1"
+
+    # resuming the finished run recomputes nothing and returns the same records
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a finished stage was recomputed")
+
+    monkeypatch.setattr(pipeline, "decompose", must_not_run)
+    monkeypatch.setattr(pipeline, "_prune", must_not_run)
+    monkeypatch.setattr(pipeline, "fit", must_not_run)
+    again = compress(
+        model, tiny_loaders, input_size=(3, 32, 32), rank=2, ratio=0.5, criterion="l1",
+        decompose_finetune=ONE_EPOCH, prune_finetune=ONE_EPOCH, output_dir=tmp_path, resume=True, device="cpu",
+        progress=False, log=lambda message: None,
+    )
+    assert again.stages[1:] == stages[1:]
+    assert again.stages[0]["macs"] == stages[0]["macs"]
 
 
 @pytest.mark.parametrize(
@@ -13,9 +78,41 @@ from norton.pipeline import compress
         ({"rank": 2, "ratio": 0.2, "target_macs": 0.5}, "one way"),
         ({"rank": None}, "nothing to do"),
         ({"rank": 2, "order": "sideways"}, "order must be"),
+        ({"rank": 10**7}, "rank must be in"),
+        ({"rank": 10}, "rank for layer 'conv1' 10 is above 9"),  # C_in x k = 3 x 3 for the stem
+        ({"rank": None, "target_macs": 0.0}, r"\(0, 1\]"),
+        ({"rank": None, "target_macs": 1.5}, r"\(0, 1\]"),
+        ({"rank": None, "ratio": math.nan}, r"\[0, 1\)"),
+        ({"rank": None, "compress_rate": "[0.1]*99999999999"}, "more than 10,000 rates"),
+        ({"rank": 2, "decompose_finetune": FineTune(lr=math.nan)}, "decompose fine-tuning learning rate"),
+        ({"rank": None, "ratio": 0.2, "prune_finetune": FineTune(lr=math.inf)}, "prune fine-tuning learning rate"),
+        ({"rank": None, "ratio": 0.2, "prune_finetune": FineTune(epochs=-1)}, "prune fine-tuning epochs"),
+        ({"rank": None, "ratio": 0.2, "prune_finetune": FineTune(momentum=math.nan)}, "prune fine-tuning: momentum"),
+        ({"rank": None, "ratio": 0.2, "criterion": "nope"}, "nope"),
+        ({"rank": None, "ratio": 0.2, "round_to": 0}, "round_to"),
+        ({"rank": 2, "input_size": (3, 100_000, 100_000)}, "too large"),
+        ({"rank": 2, "resume": True}, "resume needs the output folder"),
     ],
 )
 def test_bad_arguments_fail_before_any_work(kwargs, message):
     # loaders=None: a check that came after the first evaluation would crash instead of raising
+    kwargs = {"input_size": (3, 32, 32), **kwargs}
     with pytest.raises(UserError, match=message):
-        compress(create_model("resnet_20"), None, input_size=(3, 32, 32), **kwargs)
+        compress(create_model("resnet_20"), None, **kwargs)
+
+
+def test_a_folder_holding_a_run_is_refused_unless_resumed(tmp_path):
+    (tmp_path / "decomposed").mkdir()
+    with pytest.raises(UserError, match="pass --resume"):
+        compress(create_model("resnet_20"), None, input_size=(3, 32, 32), rank=2, output_dir=tmp_path)
+
+
+def test_amounts_are_checked_and_returned_in_their_canonical_form():
+    common = {"rank": None, "criterion": "pabs", "round_to": None, "order": "decompose-prune",
+              "decompose_finetune": None, "prune_finetune": None}
+    assert check_compress_arguments(compress_rate="[0.]+[0.1]*2", ratio=None, target_macs=None, **common) == {
+        "compress_rate": [0.0, 0.1, 0.1]}
+    # target_macs is a fraction of the original MACs in (0, 1], as everywhere else
+    assert check_compress_arguments(compress_rate=None, ratio=None, target_macs=1, **common) == {"target_macs": 1.0}
+    assert check_compress_arguments(compress_rate=None, ratio={"layer1.*": 0.5}, target_macs=None, **common) == {
+        "ratio": {"layer1.*": 0.5}}

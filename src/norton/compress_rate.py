@@ -9,6 +9,8 @@ Grammar (whitespace is allowed between any two tokens)::
 
 ``[a, b]*2`` is the list ``[a, b, a, b]`` and ``+`` concatenates, as in Python;
 every rate must lie in ``[0, 1)`` (the fraction of a layer's filters to remove).
+A spec holds at most :data:`norton.limits.MAX_COMPRESS_RATE_ENTRIES` rates, checked
+before a repeat is expanded (``[0.1]*99999999999`` fails at once, allocating nothing).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from norton.errors import UserError
+from norton.limits import MAX_COMPRESS_RATE_ENTRIES
 
 _NUMBER = re.compile(r"(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
 _COUNT = re.compile(r"\d+")
@@ -32,6 +35,8 @@ def parse_compress_rate(spec: str | Sequence[float]) -> list[float]:
     if isinstance(spec, str):
         return _Parser(spec).parse()
     if isinstance(spec, Sequence) and not isinstance(spec, (bytes, bytearray)):
+        if len(spec) > MAX_COMPRESS_RATE_ENTRIES:
+            raise UserError(f"compress rate has {len(spec):,} entries; at most {MAX_COMPRESS_RATE_ENTRIES:,}")
         return [_check_rate(value, f"entry {i}") for i, value in enumerate(spec)]
     raise UserError(
         f"compress rate must be a string like '[0.]+[0.1]*2' or a list of floats, got {type(spec).__name__}"
@@ -71,15 +76,16 @@ class _Parser:
     def parse(self) -> list[float]:
         if not self.text.strip():
             raise UserError("compress rate is empty; expected something like '[0.]+[0.1]*2'")
-        rates = self._term()
+        rates = self._term(0)
         while self._peek() == "+":
             self.pos += 1
-            rates += self._term()
+            rates += self._term(len(rates))
         if self._peek() != "":
             self._fail("expected '+' or the end of the spec")
         return rates
 
-    def _term(self) -> list[float]:
+    def _term(self, before: int) -> list[float]:
+        """One ``[...]`` or ``[...]*count``; ``before`` entries precede it (for the size bound)."""
         self._expect("[")
         values = [self._number()]
         while self._peek() == ",":
@@ -88,6 +94,8 @@ class _Parser:
                 break
             values.append(self._number())
         self._expect("]")
+        if before + len(values) > MAX_COMPRESS_RATE_ENTRIES:
+            self._fail(f"the spec would hold more than {MAX_COMPRESS_RATE_ENTRIES:,} rates")
         if self._peek() == "*":
             self.pos += 1
             self._skip_space()
@@ -95,10 +103,16 @@ class _Parser:
             match = _COUNT.match(self.text, self.pos)
             if match is None:
                 self._fail("expected a whole repeat count after '*'")
-            count = int(match.group())
+            digits = match.group().lstrip("0") or "0"
+            # Bound the count before int() and before expanding: a 5000-digit count would
+            # otherwise hit Python's int-parsing limit, a large one would allocate gigabytes.
+            count = int(digits) if len(digits) <= len(str(MAX_COMPRESS_RATE_ENTRIES)) else MAX_COMPRESS_RATE_ENTRIES + 1
             if count < 1:
                 self.pos = start
                 self._fail("the repeat count must be at least 1")
+            if before + len(values) * count > MAX_COMPRESS_RATE_ENTRIES:
+                self.pos = start
+                self._fail(f"the spec would hold more than {MAX_COMPRESS_RATE_ENTRIES:,} rates")
             self.pos = match.end()
             values = values * count
         return values

@@ -13,20 +13,29 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from norton.complexity import count_complexity
+from norton.complexity import count_complexity, original_complexity
 from norton.decomposition.cpd_block import CPDBlock
-from norton.decomposition.decompose import RankSpec, decompose, replay_decompose
+from norton.decomposition.decompose import RankSpec, decompose, eligible_convs, replay_decompose
 from norton.errors import UserError
+from norton.limits import (
+    check_epochs,
+    check_input_size,
+    check_learning_rate,
+    check_rank,
+    check_ratios,
+    check_round_to,
+    check_target_macs,
+)
 from norton.serialization import load_checkpoint, model_from_state, save
 from norton.training.data import Loaders
-from norton.training.loop import evaluate, fit, resolve_device
+from norton.training.loop import check_recipe, evaluate, fit, resolve_device
 
 ORDERS = ("decompose-prune", "prune-decompose")
 
@@ -42,6 +51,20 @@ class FineTune:
     warmup_epochs: float = 0.0
     label_smoothing: float = 0.0
     amp: bool = False
+
+    def check(self, stage: str) -> FineTune:
+        """``self``, or a one-line ``UserError`` naming ``stage`` for a setting :func:`fit` cannot use.
+
+        The learning rate is checked even with ``epochs=0``: a NaN there is a typo either way.
+        """
+        check_epochs(self.epochs, f"{stage} fine-tuning epochs", minimum=0)
+        check_learning_rate(self.lr, f"{stage} fine-tuning learning rate")
+        if self.epochs > 0:
+            try:
+                check_recipe(**asdict(self))
+            except UserError as error:
+                raise UserError(f"{stage} fine-tuning: {error}") from None
+        return self
 
 
 @dataclass
@@ -115,21 +138,16 @@ def compress(
         output_dir: where stage folders go; ``None`` writes nothing (no resume).
         resume: continue a killed run in ``output_dir``.
     """
-    if order not in ORDERS:
-        raise UserError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
-    if sum(x is not None for x in (compress_rate, ratio, target_macs)) > 1:
-        raise UserError("say how much to prune in one way: compress_rate, ratio or target_macs")
-    if target_macs is not None and not 0 < target_macs < 1:
-        raise UserError(f"target_macs is the fraction of MACs to keep and must lie in (0, 1), got {target_macs}")
-    from norton.pruning.engine import check_round_to
-
-    check_round_to(round_to, compress_rate)  # prune() checks too, but only after decomposing
-    if rank is None and compress_rate is None and ratio is None and target_macs is None:
-        raise UserError("nothing to do: give a rank, a compress rate, a ratio or a target")
-    device = resolve_device(device)
+    amounts = check_compress_arguments(
+        rank=rank, compress_rate=compress_rate, ratio=ratio, target_macs=target_macs, criterion=criterion,
+        round_to=round_to, order=order, decompose_finetune=decompose_finetune, prune_finetune=prune_finetune,
+    )
+    shape = check_input_size(input_size)
+    input_size = shape[1:] if len(shape) == 4 else shape  # one sample: (C, H, W)
+    check_rank_fits(model, rank)
     out = Path(output_dir) if output_dir is not None else None
-    if out is not None and not resume and any((out / stage).exists() for stage in ("decomposed", "pruned")):
-        raise UserError(f"{out} already holds a compression run: pass --resume to continue it or choose another --output")
+    check_compress_output(out, resume=resume)
+    device = resolve_device(device)
     decompose_finetune = decompose_finetune or FineTune()
     prune_finetune = prune_finetune or FineTune()
     example = torch.zeros(1, *input_size)
@@ -142,27 +160,29 @@ def compress(
     log(f"baseline: test top-1 {baseline['top1']:.2f}%  MACs {baseline['macs']:,}  params {baseline['params']:,}")
 
     def decompose_step(m: nn.Module) -> nn.Module:
-        return decompose(m, rank, example_inputs=example, seed=seed, progress=progress)
+        assert rank is not None  # the step is only added with a rank
+        decompose(m, rank, example_inputs=example, seed=seed, progress=progress)
+        return m
 
     def prune_step(m: nn.Module) -> nn.Module:
-        amount: dict[str, Any]
+        amount = dict(amounts)
         if target_macs is not None:
-            current = count_complexity(m, tuple(input_size)).macs
-            fraction = target_macs * baseline["macs"] / current
+            # prune() keeps target_macs of the *original* model's MACs, so after decomposing
+            # it is passed as is. Pruning first, the decomposition still to come lowers the
+            # MACs again: prune to target / (MACs after / before decomposing) to end at target.
+            goal = target_macs
             if order == "prune-decompose" and rank is not None:
-                fraction /= _decomposition_ratio(m, rank, input_size)
-            if fraction >= 1:
-                log(f"prune: the model is already at {current / baseline['macs']:.1%} of the baseline's MACs; nothing to prune")
+                goal = target_macs / _decomposition_ratio(m, rank, input_size)
+            original = original_complexity(m, input_size).macs
+            current = count_complexity(m, input_size).macs
+            if goal >= 1 or current <= goal * original:
+                log(f"prune: the model is already at {current / original:.1%} of the original's MACs; nothing to prune")
                 return m
-            amount = {"target_macs": fraction}
-        elif compress_rate is not None:
-            amount = {"compress_rate": compress_rate}
-        else:
-            amount = {"ratio": ratio}
+            amount["target_macs"] = goal
         return _prune(m, example, criterion=criterion, round_to=round_to, **amount)
 
     steps: list[tuple[str, Callable[[nn.Module], nn.Module], FineTune]] = []
-    do_prune = any(x is not None for x in (compress_rate, ratio, target_macs))
+    do_prune = bool(amounts)
     if order == "decompose-prune":
         if rank is not None:
             steps.append(("decomposed", decompose_step, decompose_finetune))
@@ -182,6 +202,74 @@ def compress(
         stages.append(record)
         channels[name] = output_channels(model)
     return CompressionResult(model=model, stages=stages, channels=channels)
+
+
+def check_compress_arguments(
+    *,
+    rank: RankSpec | None,
+    compress_rate: str | Sequence[float] | None,
+    ratio: float | Mapping[str, float] | None,
+    target_macs: float | None,
+    criterion: str,
+    round_to: int | None,
+    order: str,
+    decompose_finetune: FineTune | None,
+    prune_finetune: FineTune | None,
+) -> dict[str, Any]:
+    """Check every argument of :func:`compress` that needs no model; returns the pruning amount.
+
+    The amount is ``{}`` (no pruning) or one of ``{"compress_rate": [...]}``,
+    ``{"ratio": ...}``, ``{"target_macs": ...}``, parsed and bounded by :mod:`norton.limits`.
+    """
+    from norton.compress_rate import parse_compress_rate
+    from norton.pruning.criteria import get_criterion
+
+    if order not in ORDERS:
+        raise UserError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
+    given = {k: v for k, v in (("compress_rate", compress_rate), ("ratio", ratio), ("target_macs", target_macs))
+             if v is not None}
+    if len(given) > 1:
+        raise UserError(f"say how much to prune in one way: compress_rate, ratio or target_macs (got {', '.join(given)})")
+    amounts: dict[str, Any] = {}
+    if compress_rate is not None:
+        amounts["compress_rate"] = parse_compress_rate(compress_rate)
+    if ratio is not None:
+        amounts["ratio"] = check_ratios(ratio)
+    if target_macs is not None:
+        amounts["target_macs"] = check_target_macs(target_macs)
+    if round_to is not None:
+        check_round_to(round_to)
+        if compress_rate is not None:
+            raise UserError("round_to applies to ratio and target_macs; compress_rate fixes every width itself")
+    if isinstance(rank, int):
+        check_rank(rank)
+    if rank is None and not amounts:
+        raise UserError("nothing to do: give a rank, a compress rate, a ratio or a target")
+    if amounts and isinstance(criterion, str):
+        get_criterion(criterion)
+    (decompose_finetune or FineTune()).check("decompose")
+    (prune_finetune or FineTune()).check("prune")
+    return amounts
+
+
+def check_rank_fits(model: nn.Module, rank: RankSpec | None) -> None:
+    """An int ``rank`` suits every convolution :func:`decompose` would replace (before any work)."""
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        return  # None, or a mapping or rule: decompose() checks each layer's rank before its CP-ALS
+    for name, conv in eligible_convs(model).items():
+        check_rank(rank, f"rank for layer {name!r}", in_channels=conv.in_channels,
+                   kernel_size=(int(conv.kernel_size[0]), int(conv.kernel_size[1])))
+
+
+def check_compress_output(output_dir: Path | None, *, resume: bool) -> None:
+    """``output_dir`` holds no earlier compression run, unless it is to be resumed."""
+    if output_dir is None:
+        if resume:
+            raise UserError("resume needs the output folder of the run to continue")
+        return
+    if not resume and any((output_dir / stage).exists() for stage in ("decomposed", "pruned")):
+        raise UserError(f"{output_dir} already holds a compression run: pass --resume to continue it "
+                        "or choose another --output")
 
 
 def _run_stage(
@@ -253,8 +341,6 @@ def _decomposition_ratio(model: nn.Module, rank: RankSpec, input_size: Sequence[
     """MACs after / before decomposing ``model`` at ``rank``, from structure alone (no ALS)."""
     if not isinstance(rank, int):
         return 1.0  # rules pick ranks from the weights: no estimate before pruning
-    from norton.decomposition.decompose import eligible_convs
-
     probe = copy.deepcopy(model)
     replay_decompose(probe, {"op": "decompose", "ranks": {name: rank for name in eligible_convs(probe)}})
     return count_complexity(probe, tuple(input_size)).macs / count_complexity(model, tuple(input_size)).macs
@@ -264,7 +350,7 @@ def _use_training_forms(model: nn.Module, input_size: Sequence[int], device: tor
     """Switch CPDBlocks to their fastest training implementation (same parameters and function)."""
     if not any(isinstance(m, CPDBlock) for m in model.modules()):
         return {}
-    from norton.deploy.inference import optimize_for_training
+    from norton.deploy.optimize import optimize_for_training
 
     model.to(device)
     return optimize_for_training(model, torch.zeros(8, *input_size, device=device))
@@ -273,7 +359,9 @@ def _use_training_forms(model: nn.Module, input_size: Sequence[int], device: tor
 def _restore_forms(model: nn.Module, forms: Mapping[str, str]) -> None:
     if not forms:
         return
-    from norton.deploy.inference import set_training_form
+    from norton.deploy.forms import set_training_form
 
     for name in forms:
-        set_training_form(model.get_submodule(name), "cpd")
+        block = model.get_submodule(name)
+        assert isinstance(block, CPDBlock)  # forms names the CPDBlocks it switched
+        set_training_form(block, "cpd")

@@ -3,13 +3,14 @@
 A report is plain data: a list of *stages* (baseline, decomposed, pruned, ...),
 each a dict with ``name``, ``top1``, ``top5``, ``macs``, ``params`` and optional
 ``latency_ms`` (CPU, batch 1), ``latency_ms_batch32`` and ``seconds``, plus per-layer channel counts. Everything here
-reads that data and writes files; nothing touches a model.
+reads that data and writes files; nothing touches a model. ``summary.json`` is strict
+JSON: a non-finite number (a diverged run's NaN loss) is written as ``null``.
 """
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,7 @@ def write_report(
     output_dir.mkdir(parents=True, exist_ok=True)
     summary = {"stages": list(map(dict, stages)), "channels": dict(channels or {}), **dict(extra or {})}
     paths = {
-        "json": atomic_write_text(json.dumps(summary, indent=2, default=_json_default) + "\n", output_dir / "summary.json"),
+        "json": atomic_write_text(to_json(summary) + "\n", output_dir / "summary.json"),
         "table": atomic_write_text(format_table(stages) + "\n", output_dir / "summary.txt"),
     }
     paths["plot"] = plot_report(stages, channels or {}, output_dir / "report.png")
@@ -71,9 +72,10 @@ def plot_report(stages: Sequence[Stage], channels: Mapping[str, Mapping[str, int
     has_channels = len(channels) >= 1
     fig, axes = plt.subplots(1, 2 if has_channels else 1, figsize=(13 if has_channels else 6.5, 4.5), squeeze=False)
     ax = axes[0][0]
-    points = [(s["macs"] / 1e6, s["top1"], s["name"]) for s in stages if s.get("macs") and s.get("top1") is not None]
+    points = [(s["macs"] / 1e6, s["top1"], s["name"]) for s in stages
+              if s.get("macs") and s.get("top1") is not None and math.isfinite(s["top1"])]
     if points:
-        xs, ys, names = zip(*points)
+        xs, ys, _ = zip(*points, strict=True)
         ax.plot(xs, ys, "-o", color="tab:blue")
         for x, y, name in points:
             ax.annotate(name, (x, y), textcoords="offset points", xytext=(6, 6))
@@ -123,9 +125,25 @@ def _reduction(value: float | None, base: float | None) -> str:
     return f"{100 * (1 - value / base):.1f}"
 
 
-def _json_default(value: Any) -> Any:
-    if hasattr(value, "item"):
-        return value.item()
+def to_json(data: Any, *, default: Callable[[Any], Any] | None = None) -> str:
+    """Strict JSON of plain ``data``: tensors and numpy scalars as numbers, paths as strings, NaN and
+    infinities as ``null``; anything else through ``default`` (``TypeError`` without it)."""
+    return json.dumps(_plain(data, default), indent=2, allow_nan=False)
+
+
+def _plain(value: Any, default: Callable[[Any], Any] | None) -> Any:
+    if isinstance(value, bool) or value is None or isinstance(value, (str, int)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(key): _plain(item, default) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item, default) for item in value]
     if isinstance(value, Path):
         return str(value)
+    if hasattr(value, "item"):  # a one-element tensor or a numpy scalar
+        return _plain(value.item(), default)
+    if default is not None:
+        return _plain(default(value), None)
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")

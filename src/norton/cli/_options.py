@@ -8,25 +8,26 @@ A command adds what it needs::
     add_training_options(parser)       # --epochs, --lr, --momentum, --weight_decay, --warmup_epochs, ...
     add_run_options(parser)            # --device, --seed, --output, --json
 
-and then calls :func:`build_splits`, :func:`load_model_file`, :func:`training_recipe`, ...
+and then calls :func:`build_splits`, :func:`training_recipe`, ... The library does the
+rest, called with explicit arguments (reading model files: :func:`norton.serialization.load_model_file`;
+a whole compression run: :func:`norton.workflow.run_compression`).
 Option spellings follow the NORTON reference (``--data_dir``, ``--batch_size``,
 ``-cpr``); the dashed forms (``--data-dir``) are accepted too.
 """
 from __future__ import annotations
 
 import argparse
-import json
-import os
-from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
+from norton.limits import MAX_RANK, check_int
 
-from norton.errors import UserError
-from norton.serialization import load, load_reference_checkpoint
+# load_model_file, check_model_fits and default_dataset live in the library; they are re-exported
+# for the commands that still call them through this module (new code imports them from the library).
+from norton.serialization import load_model_file as load_model_file
 from norton.training.data import DATASETS, DataSplits, build_datasets
-from norton.training.loop import RECIPES, is_training_checkpoint, model_from_checkpoint, recipe_for
+from norton.training.loop import RECIPES, recipe_for
+from norton.workflow import check_model_fits as check_model_fits
+from norton.workflow import default_dataset as default_dataset
 
 # --------------------------------------------------------------------------- options
 
@@ -102,17 +103,6 @@ def add_run_options(parser: argparse.ArgumentParser, *, output: bool = True, out
 # --------------------------------------------------------------------------- options -> objects
 
 
-def default_dataset(arch: str | None) -> str:
-    """The dataset an architecture is built for: its registry entry's, ImageNet for torchvision models."""
-    if arch is None:
-        return "cifar10"
-    if arch.startswith("torchvision."):
-        return "imagenet"
-    from norton.models import get_model_entry
-
-    return get_model_entry(arch).dataset
-
-
 def build_splits(args: argparse.Namespace, dataset: str) -> DataSplits:
     """The data named by :func:`add_data_options` (``args.seed`` chooses the validation images)."""
     return build_datasets(dataset, args.data_dir, limit=args.limit, val_size=args.val_size, seed=args.seed,
@@ -140,59 +130,13 @@ def plain_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def print_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, default=str))
+    """``obj`` as strict JSON on stdout (NaN as null, other objects by their ``str``)."""
+    from norton.report import to_json
+
+    print(to_json(obj, default=str))
 
 
-def check_model_fits(model: nn.Module, splits: DataSplits) -> None:
-    """``UserError`` unless ``model`` maps one image of ``splits`` to ``splits.num_classes`` scores."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            scores = model(torch.zeros(1, *splits.input_size, device=device))
-    except RuntimeError as error:
-        raise UserError(f"the model does not take {splits.name} images {splits.input_size}: "
-                        f"{str(error).splitlines()[0]}") from error
-    finally:
-        model.train(was_training)
-    if scores.ndim != 2 or scores.shape[1] != splits.num_classes:
-        raise UserError(f"the model gives {tuple(scores.shape[1:])} scores per image but {splits.name} has "
-                        f"{splits.num_classes} classes: pass the --dataset it was trained on")
-
-
-def load_model_file(
-    path: str | os.PathLike,
-    *,
-    arch: str | None = None,
-    rank: int = 0,
-    compress_rate: str | None = None,
-) -> tuple[nn.Module, dict[str, Any]]:
-    """``(model, training_args)`` from ``path``: a training checkpoint, a ``norton.save`` file, or (with
-    ``arch``) the authors' released ``{"state_dict": ...}`` checkpoint of ``create_model(arch, rank=, compress_rate=)``.
-
-    ``training_args`` say what the model was trained with: a training checkpoint's ``args``, a
-    norton file's ``metadata`` (e.g. ``{"dataset": ...}``), ``{}`` for the authors' files.
-    """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} not found: check --ckpt")
-    if arch is not None:
-        return load_reference_checkpoint(path, arch, rank, compress_rate), {}
-    content = _read(path)
-    if is_training_checkpoint(content):
-        return model_from_checkpoint(content), dict(content.get("args") or {})
-    if isinstance(content, dict) and "state_dict" in content and "format" not in content:
-        raise UserError(f"{path} holds a bare state_dict (the reference's format): describe its model with "
-                        "--arch, -r and -cpr")
-    metadata = content.get("metadata") if isinstance(content, dict) else None
-    return load(path), dict(metadata) if isinstance(metadata, dict) else {}
-
-
-def _read(path: Path) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # not a torch file, truncated, or holds objects other than tensors and plain data
-        first = str(error).strip().splitlines()[0][:160] if str(error).strip() else ""
-        raise UserError(f"cannot read {path} as a checkpoint ({type(error).__name__}: {first}); "
-                        "is it a model file written by norton or torch.save?") from error
+def rank_option(value: int) -> int | None:
+    """``-r``: 0 means no decomposition (``None``); otherwise a rank within :data:`norton.limits.MAX_RANK`."""
+    check_int(value, "-r/--rank", minimum=0, maximum=MAX_RANK)
+    return value or None

@@ -10,8 +10,10 @@ import argparse
 import json
 from typing import Any
 
+from norton.cli import _options as options
 from norton.complexity import ALIASES, CONVENTIONS, Complexity, count_complexity
 from norton.compress_rate import format_compress_rate, parse_compress_rate
+from norton.limits import check_image_side
 from norton.models import create_model, get_model_entry
 
 INPUT_SIZES = {"cifar10": 32, "imagenet": 224}
@@ -45,8 +47,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Every number is bounded before a model is built: -r 10000000 would allocate terabytes.
+    rank = options.rank_option(args.rank) or 0
+    if args.input_size is not None:
+        check_image_side(args.input_size)
     rates = None if args.compress_rate is None else parse_compress_rate(args.compress_rate)
-    model = create_model(args.arch, compress_rate=rates, rank=args.rank)
+    model = create_model(args.arch, compress_rate=rates, rank=rank)
     baseline = create_model(args.arch)
     side = args.input_size or INPUT_SIZES[args.dataset or _default_dataset(args.arch)]
     input_size = (3, side, side)

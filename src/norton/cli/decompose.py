@@ -7,8 +7,9 @@ from __future__ import annotations
 import argparse
 
 from norton.cli import _options as options
-from norton.cli.compress import run_compression
-from norton.errors import UserError
+from norton.cli.compress import default_output, print_summary, say
+from norton.pipeline import FineTune
+from norton.workflow import run_compression
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -19,7 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(batched CP-ALS), fine-tune for --epochs, and write the model and a report to --output.",
     )
     options.add_ckpt_option(parser, required=True, help="the trained model (norton file or training checkpoint)")
-    parser.add_argument("-r", "--rank", type=int, required=True, help="CP rank of every decomposed convolution")
+    parser.add_argument("-r", "--rank", type=int, required=True, help="CP rank of every decomposed convolution (>= 1)")
     parser.add_argument("--epochs", type=int, default=1, help="fine-tuning epochs (default 1; 0 skips)")
     parser.add_argument("--lr", dest="finetune_lr", type=float, default=0.01, help="peak fine-tuning learning rate")
     options.add_data_options(parser, batch_size=128)
@@ -30,12 +31,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.rank < 1:
-        raise UserError(f"-r/--rank must be a positive integer, got {args.rank}")
-    args.arch, args.compress_rate, args.ratio, args.target_macs, args.round_to = None, None, None, None, None
-    args.criterion, args.order, args.baseline_epochs, args.lr = "pabs", "decompose-prune", None, None
-    args.decompose_epochs, args.prune_epochs = args.epochs, 0
-    summary = run_compression(args, title="norton decompose")
-    if args.json:
-        options.print_json(summary)
+    summary = run_compression(
+        model_file=args.ckpt, dataset=args.dataset, data_dir=args.data_dir, limit=args.limit,
+        val_size=args.val_size, download=args.download, batch_size=args.batch_size, workers=args.workers,
+        rank=args.rank, decompose_finetune=FineTune(epochs=args.epochs, lr=args.finetune_lr),
+        output_dir=args.output or default_output(None, args.ckpt), resume=args.resume, device=args.device,
+        seed=args.seed, progress=args.progress, title="norton decompose", log=None if args.json else say,
+    )
+    print_summary(summary, as_json=args.json)
     return 0

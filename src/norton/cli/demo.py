@@ -12,8 +12,10 @@ import argparse
 import sys
 
 from norton.cli import _options as options
-from norton.cli.compress import CRITERIA_HELP, add_round_to_option, run_compression
-from norton.training.data import build_datasets, find_fashion_mnist
+from norton.cli.compress import CRITERIA_HELP, add_round_to_option, print_summary, say
+from norton.pipeline import FineTune
+from norton.training.data import find_fashion_mnist
+from norton.workflow import run_compression
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -27,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--arch", default="resnet_20", help="zoo model (default resnet_20)")
     parser.add_argument("-r", "--rank", type=int, default=3, help="CP rank (default 3)")
     parser.add_argument("--target-macs", "--target_macs", dest="target_macs", type=float, default=0.33,
-                        help="fraction of the baseline's MACs to keep (default 0.33)")
+                        help="fraction of the original model's MACs to keep (default 0.33)")
     parser.add_argument("--criterion", default="pabs", help=CRITERIA_HELP)
     add_round_to_option(parser)
     parser.add_argument("--limit", type=int, default=20000,
@@ -56,25 +58,14 @@ def run(args: argparse.Namespace) -> int:
         print("norton demo: Fashion-MNIST not found (install Debian's dataset-fashion-mnist or pass --data_dir); "
               "using the built-in synthetic dataset instead", file=sys.stderr)
         dataset = "synthetic"
-    splits = build_datasets(dataset, args.data_dir, val_size=args.val_size, seed=args.seed)
-    splits = _limit_training(splits, args.limit, args.seed)
-    # The shared compression path reads these; the demo fixes them.
-    args.ckpt, args.compress_rate, args.ratio, args.order = None, None, None, "decompose-prune"
-    args.dataset, args.workers, args.lr, args.finetune_lr = dataset, 2, 0.1, 0.01
-    summary = run_compression(args, splits=splits, title="norton demo")
-    if args.json:
-        options.print_json(summary)
+    summary = run_compression(
+        dataset=dataset, data_dir=args.data_dir, val_size=args.val_size, train_limit=args.limit, arch=args.arch,
+        batch_size=args.batch_size, workers=2, rank=options.rank_option(args.rank), target_macs=args.target_macs,
+        criterion=args.criterion, round_to=args.round_to, baseline_epochs=args.baseline_epochs, baseline_lr=0.1,
+        decompose_finetune=FineTune(epochs=args.decompose_epochs, lr=0.01),
+        prune_finetune=FineTune(epochs=args.prune_epochs, lr=0.01),
+        output_dir=args.output, resume=args.resume, device=args.device, seed=args.seed, progress=args.progress,
+        title="norton demo", log=None if args.json else say,
+    )
+    print_summary(summary, as_json=args.json)
     return 0
-
-
-def _limit_training(splits, limit: int | None, seed: int):
-    """Keep ``limit`` training images; validation and test stay whole, so accuracies are comparable."""
-    if limit is None or limit >= len(splits.train):
-        return splits
-    import dataclasses
-
-    import torch
-    from torch.utils.data import Subset
-
-    keep = torch.randperm(len(splits.train), generator=torch.Generator().manual_seed(seed))[:limit]
-    return dataclasses.replace(splits, train=Subset(splits.train, keep.tolist()))

@@ -8,8 +8,9 @@ from __future__ import annotations
 import argparse
 
 from norton.cli import _options as options
-from norton.cli.compress import CRITERIA_HELP, add_round_to_option, run_compression
-from norton.errors import UserError
+from norton.cli.compress import CRITERIA_HELP, add_round_to_option, default_output, print_summary, say
+from norton.pipeline import FineTune
+from norton.workflow import run_compression
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -26,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="the paper's per-layer rates for a zoo model, e.g. '[0.6]*6+[0.8]*7'")
     how.add_argument("--ratio", type=float, default=None, help="fraction of filters removed from every prunable layer")
     how.add_argument("--target-macs", "--target_macs", dest="target_macs", type=float, default=None,
-                     help="fraction of the model's MACs to keep, e.g. 0.5")
+                     help="fraction of the original (uncompressed) model's MACs to keep, in (0, 1], e.g. 0.3")
     parser.add_argument("--criterion", default="pabs", help=CRITERIA_HELP)
     add_round_to_option(parser)
     parser.add_argument("--epochs", type=int, default=1, help="fine-tuning epochs (default 1; 0 skips)")
@@ -39,11 +40,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.epochs < 0:
-        raise UserError(f"--epochs must be 0 or more, got {args.epochs}")
-    args.arch, args.rank, args.order, args.baseline_epochs, args.lr = None, 0, "decompose-prune", None, None
-    args.decompose_epochs, args.prune_epochs = 0, args.epochs
-    summary = run_compression(args, title="norton prune")
-    if args.json:
-        options.print_json(summary)
+    summary = run_compression(
+        model_file=args.ckpt, dataset=args.dataset, data_dir=args.data_dir, limit=args.limit,
+        val_size=args.val_size, download=args.download, batch_size=args.batch_size, workers=args.workers,
+        compress_rate=args.compress_rate, ratio=args.ratio, target_macs=args.target_macs,
+        criterion=args.criterion, round_to=args.round_to,
+        prune_finetune=FineTune(epochs=args.epochs, lr=args.finetune_lr),
+        output_dir=args.output or default_output(None, args.ckpt), resume=args.resume, device=args.device,
+        seed=args.seed, progress=args.progress, title="norton prune", log=None if args.json else say,
+    )
+    print_summary(summary, as_json=args.json)
     return 0
