@@ -5,13 +5,13 @@ Inference (forward, ``torch.no_grad``), each in NCHW and channels-last:
 sum), ``merged`` (pointwise -> one depthwise k x k -> rank sum), ``grouped``
 (pointwise -> ``Conv2d(N*R, N, k, groups=N)``, the rank sum folded in).
 Training (forward + backward, NCHW): the dense conv against the CPDBlock training
-forms of :mod:`norton.deploy.inference` (``dense`` = the kernel rebuilt from the factors
+forms of :mod:`norton.deploy.forms` (``dense`` = the kernel rebuilt from the factors
 every step by one batched matmul, then one conv).
 
 Training step (``--no-step`` skips it): one SGD step (forward, cross-entropy,
 backward, update) of a CIFAR ResNet-20, dense vs its 3x3 convs as rank-R CPDBlocks
 computed as written (``cpd``) vs the same model after
-:func:`norton.deploy.inference.optimize_for_training` (per-layer fastest form); and the
+:func:`norton.deploy.optimize.optimize_for_training` (per-layer fastest form); and the
 same for the README's pruned ResNet-56 and its `--round-to 16` twin (bench_latency.py) against
 the dense ResNet-56.
 
@@ -30,13 +30,8 @@ import torch
 from torch import nn
 
 from norton.decomposition.cpd_block import CPDBlock
-from norton.deploy.inference import (
-    INFERENCE_FORMS,
-    TRAINING_FORMS,
-    build_form,
-    optimize_for_training,
-    set_training_form,
-)
+from norton.deploy.forms import INFERENCE_FORMS, TRAINING_FORMS, build_form, set_training_form
+from norton.deploy.optimize import optimize_for_training
 from norton.deploy.timing import compare_callables, environment
 
 # (label, channels, side, batch, ranks)

@@ -40,9 +40,10 @@ import torch
 from torch import nn
 
 from norton.complexity import count_complexity
+from norton.deploy.benchmark import torch_runner
 from norton.deploy.export import export_onnx, onnxruntime_runner, onnxruntime_session
-from norton.deploy.inference import optimize_for_inference
-from norton.deploy.timing import compare_callables, environment, torch_runner
+from norton.deploy.optimize import optimize_for_inference
+from norton.deploy.timing import compare_callables, environment
 from norton.models import create_model
 
 CONFIGS = {

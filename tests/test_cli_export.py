@@ -74,16 +74,95 @@ def test_export_mismatch_exits_1_without_a_file(tmp_path, capsys, monkeypatch):
     assert not output.exists()
 
 
-def test_export_optimize_reaches_the_library(tmp_path, capsys, monkeypatch):
-    seen = {}
+def _saved_model(tmp_path, *, nan: bool = False):
+    """A tiny zoo model (rank-1 CPDBlocks, BatchNorms with non-trivial statistics) saved as a norton file."""
+    import norton
+    from norton.models import create_model
 
-    def fake_optimize(model, example, **kwargs):
-        seen["shape"] = tuple(example.shape)
-        return model
+    torch.manual_seed(0)
+    model = create_model("resnet_20", rank=1).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.normal_(0, 0.1)
+                module.running_var.uniform_(0.5, 2.0)
+        if nan:
+            next(model.parameters()).view(-1)[0] = float("nan")
+    return model, norton.save(model, tmp_path / "model.pt")
 
-    monkeypatch.setattr("norton.deploy.inference.optimize_for_inference", fake_optimize)
-    assert main(["export", *ZOO, "--optimize", "--batch-size", "4", "--output", str(tmp_path / "o.onnx")]) == 0
-    assert seen["shape"] == (4, 3, 8, 8)
+
+# What each inference form is called inside a TorchScript file (its module's original class name).
+_FORM_CLASSES = {"cpd": "CPDBlock", "merged": "MergedCPDConv", "grouped": "GroupedCPDConv", "dense": "Conv2d"}
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_export_optimize_runs_the_real_optimizer(tmp_path, capsys):
+    model, path = _saved_model(tmp_path)
+    output = tmp_path / "optimized.pt"
+    assert main(["export", "--ckpt", str(path), "--input-size", "8", "--optimize", "--batch-size", "2",
+                 "--format", "torchscript", "--output", str(output), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    record = report["optimize"]
+    assert report["optimized"] is True and record["op"] == "optimize"
+    assert record["measured_on"] == {"device": "cpu", "batch_size": 2, "measure": True}
+    blocks = {name for name, m in model.named_modules() if type(m).__name__ == "CPDBlock"}
+    norms = {name for name, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    assert set(record["forms"]) == blocks and {bn for _, bn in record["fold_bn"]} == norms
+    # the file holds the optimized structure: every BatchNorm folded away, every block in its chosen form
+    scripted = torch.jit.load(str(output))
+    classes = {name: m.original_name for name, m in scripted.named_modules()}
+    assert "BatchNorm2d" not in classes.values()
+    assert all(classes[bn] == "Identity" for bn in norms)
+    assert all(classes[name] == _FORM_CLASSES[form] for name, form in record["forms"].items())
+    # and computes what the checkpoint's eager model computes, at a batch size it never saw
+    x = torch.randn(5, 3, 8, 8)
+    with torch.no_grad():
+        expected = model(x)
+        assert ((scripted(x) - expected).abs().max() / expected.abs().max()).item() <= 1e-4
+
+
+def test_export_optimize_onnx_matches_eager(tmp_path, capsys):
+    import onnxruntime
+
+    model, path = _saved_model(tmp_path)
+    output = tmp_path / "optimized.onnx"
+    assert main(["export", "--ckpt", str(path), "--input-size", "8", "--optimize", "--output", str(output)]) == 0
+    assert "matches eager PyTorch at batch 1, 3" in capsys.readouterr().out
+    session = onnxruntime.InferenceSession(str(output), providers=["CPUExecutionProvider"])
+    x = torch.randn(4, 3, 8, 8)
+    (actual,) = session.run(None, {"input": x.numpy()})
+    with torch.no_grad():
+        expected = model(x)
+    assert ((torch.as_tensor(actual) - expected).abs().max() / expected.abs().max()).item() <= 1e-4
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+@pytest.mark.parametrize("optimize", [[], ["--optimize"]])
+def test_export_nan_checkpoint_is_one_line_and_writes_nothing(tmp_path, capsys, fmt, optimize):
+    _, path = _saved_model(tmp_path, nan=True)
+    output = tmp_path / "out" / "model.bin"
+    code = main(["export", "--ckpt", str(path), "--input-size", "8", "--format", fmt, *optimize,
+                 "--output", str(output)])
+    assert code != 0
+    line = _one_error_line(capsys.readouterr().err, "export")
+    assert "not finite" in line and "NaN" in line and "0.00e+00" not in line
+    assert not output.parent.exists()
+
+
+@pytest.mark.parametrize("same", ["identical", "relative", "default"])
+def test_export_refuses_to_overwrite_its_checkpoint(tmp_path, capsys, monkeypatch, same):
+    _, path = _saved_model(tmp_path)
+    if same == "default":  # --output left out: the default (checkpoint name + .onnx) is the checkpoint itself
+        path = path.rename(path.with_suffix(".onnx"))
+    before = path.read_bytes()
+    monkeypatch.chdir(tmp_path)
+    output = {"identical": [str(path)], "relative": ["./" + path.name], "default": []}[same]
+    args = ["export", "--ckpt", str(path), "--input-size", "8", "--format", "torchscript" if output else "onnx"]
+    assert main([*args, *(["--output", *output] if output else [])]) == 2
+    line = _one_error_line(capsys.readouterr().err, "export")
+    assert "would overwrite the input checkpoint" in line and "--output" in line
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
 
 
 def test_benchmark_json_side_by_side(capsys):
@@ -101,23 +180,33 @@ def test_benchmark_json_side_by_side(capsys):
     assert report["environment"]["threads"] == torch.get_num_threads()
 
 
-def test_benchmark_table_and_options_reach_the_library(capsys, monkeypatch):
-    import norton.deploy.timing
-
-    seen = {}
-    real = norton.deploy.timing.compare_models
-
-    def spy(models, shape, **kwargs):
-        seen.update(kwargs, names=sorted(models), shape=tuple(shape))
-        return real(models, shape, **{**kwargs, "optimize": False})
-
-    monkeypatch.setattr(norton.deploy.timing, "compare_models", spy)
+def test_benchmark_optimize_and_onnxruntime_run_for_real(capsys):
     assert main(["benchmark", *ZOO, "--batch-size", "3", "--warmup", "0", "--repeats", "1", "--optimize",
                  "--runtime", "onnxruntime"]) == 0
-    assert seen["optimize"] is True and seen["runtime"] == "onnxruntime" and seen["batch_sizes"] == [3]
-    assert seen["names"] == ["baseline", "compressed"] and seen["shape"] == (3, 8, 8)
     out = capsys.readouterr().out
-    assert "MACs ratio" in out and "speedup" in out and "runtime onnxruntime" in out
+    assert "models optimized per batch size" in out and "runtime onnxruntime" in out
+    assert "MACs ratio" in out and "speedup" in out and "input (3, 8, 8)" in out
+
+
+def test_compare_models_optimizes_each_model(monkeypatch):
+    import norton.deploy.optimize
+    from norton.deploy.benchmark import compare_models
+    from norton.models import create_model
+
+    seen = []
+    real = norton.deploy.optimize.optimize_for_inference
+
+    def spy(model, inputs, **kwargs):
+        optimized = real(model, inputs, **{**kwargs, "measure": False})
+        seen.append((tuple(inputs.shape), optimized))
+        return optimized
+
+    monkeypatch.setattr(norton.deploy.optimize, "optimize_for_inference", spy)
+    models = {"a": create_model("resnet_20", rank=1), "b": create_model("resnet_20")}
+    results = compare_models(models, (3, 8, 8), batch_sizes=[1, 2], optimize=True, warmup=0, repeats=1, memory=False)
+    assert sorted(results) == [1, 2] and all(sorted(timings) == ["a", "b"] for timings in results.values())
+    assert [shape for shape, _ in seen] == [(1, 3, 8, 8)] * 2 + [(2, 3, 8, 8)] * 2
+    assert all(not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()) for _, model in seen)
 
 
 def test_benchmark_compressed_only(capsys):

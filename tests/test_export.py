@@ -10,7 +10,7 @@ from torch import nn
 
 from norton.decomposition.cpd_block import CPDBlock
 from norton.deploy.export import ExportCheckError, export_onnx, export_torchscript
-from norton.deploy.inference import optimize_for_inference
+from norton.deploy.optimize import optimize_for_inference
 from norton.errors import UserError
 
 
@@ -102,6 +102,40 @@ def test_mismatch_is_an_error_and_writes_nothing(tmp_path, exporter):
     with pytest.raises(ExportCheckError, match="differs from eager"):
         export(_CountingModel(), path, torch.randn(1, 3, 4, 4))
     assert list(tmp_path.iterdir()) == []  # neither the target nor a temporary file
+
+
+class _NaNOnSecondCall(nn.Module):
+    """Finite in eager, except on its second call, which the exporter's trace records: the file returns NaN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 1)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.conv(x) * (float("nan") if self.calls == 2 else 1.0)
+
+
+@pytest.mark.parametrize("exporter", ["onnx", "torchscript"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_model_is_refused_and_writes_nothing(tmp_path, exporter, value):
+    model = _model()
+    with torch.no_grad():
+        model[0].weight[0, 0, 0, 0] = value
+    export = export_onnx if exporter == "onnx" else export_torchscript
+    with pytest.raises(UserError, match=r"not finite.*'0\.weight'.*no file was written"):
+        export(model, tmp_path / "out" / "nan.bin", torch.randn(1, 3, 16, 16))
+    assert list(tmp_path.iterdir()) == []  # not even the output folder
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.parametrize("exporter", ["onnx", "torchscript"])
+def test_nan_in_the_exported_file_only_is_a_mismatch(tmp_path, exporter):
+    export = export_onnx if exporter == "onnx" else export_torchscript
+    with pytest.raises(ExportCheckError, match="NaN or inf at batch 1 where eager PyTorch is finite"):
+        export(_NaNOnSecondCall(), tmp_path / "nan.out", torch.randn(1, 3, 4, 4))
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_existing_file_is_replaced_only_after_a_passing_check(tmp_path):

@@ -47,8 +47,8 @@ _EXPORTS = {
     "evaluate": "norton.training.loop",
     "train_one_epoch": "norton.training.loop",
     "compress": "norton.pipeline",
-    "optimize_for_inference": "norton.deploy.inference",
-    "optimize_for_training": "norton.deploy.inference",
+    "optimize_for_inference": "norton.deploy.optimize",
+    "optimize_for_training": "norton.deploy.optimize",
     "export_onnx": "norton.deploy.export",
     "UserError": "norton.errors",
 }

@@ -22,6 +22,7 @@ from torch import nn
 from norton.cli import _options as options
 from norton.cli.export import add_model_source_options, input_shape, load_model
 from norton.errors import UserError
+from norton.limits import check_image_side
 
 MIB = 2**20
 
@@ -74,13 +75,16 @@ def load_baseline(args: argparse.Namespace, compressed: nn.Module) -> nn.Module 
 
 def run(args: argparse.Namespace) -> int:
     from norton.complexity import count_complexity
-    from norton.deploy.timing import RUNTIMES, compare_models, environment
+    from norton.deploy.benchmark import RUNTIMES, compare_models
+    from norton.deploy.timing import environment
     from norton.training.loop import resolve_device
 
     if args.runtime not in RUNTIMES:
         raise UserError(f"unknown --runtime {args.runtime!r}: use torch or onnxruntime")
     if args.warmup < 0 or args.repeats < 1:
         raise UserError(f"need --warmup >= 0 and --repeats >= 1, got {args.warmup} and {args.repeats}")
+    if args.input_size is not None:
+        check_image_side(args.input_size, "--input-size")
     if args.threads is not None:
         if args.threads < 1:
             raise UserError(f"--threads must be a positive integer, got {args.threads}")

@@ -7,11 +7,14 @@
 The model comes from ``--ckpt`` (a norton file, a training checkpoint, or with
 ``--arch/-r/-cpr`` the authors' released checkpoint) or, without ``--ckpt``, is
 built from ``--arch/-r/-cpr`` with random weights. A mismatch between the
-exported file and eager PyTorch exits 1 and writes no file.
+exported file and eager PyTorch exits 1 and writes no file; a model whose own outputs
+are NaN or inf (e.g. a diverged checkpoint) is refused in one line, as is an
+``--output`` that would overwrite the ``--ckpt`` file.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -20,6 +23,8 @@ from torch import nn
 
 from norton.cli import _options as options
 from norton.errors import UserError
+from norton.limits import check_image_side
+from norton.plan import plan_of
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
 
@@ -74,9 +79,8 @@ def input_shape(model: nn.Module, input_size: int | None) -> tuple[int, int, int
     name = architecture.get("name")
     channels = int((architecture.get("kwargs") or {}).get("in_channels", 3))
     if input_size is not None:
-        if input_size < 1:
-            raise UserError(f"--input-size must be a positive number of pixels, got {input_size}")
-        return (channels, input_size, input_size)
+        side = check_image_side(input_size, "--input-size")
+        return (channels, side, side)
     if name is None:
         raise UserError("cannot tell this model's input size: pass --input-size PIXELS")
     if name.startswith("torchvision."):
@@ -87,13 +91,34 @@ def input_shape(model: nn.Module, input_size: int | None) -> tuple[int, int, int
     return (channels, side, side)
 
 
-def default_output(args: argparse.Namespace, model: nn.Module) -> Path:
+def default_output(args: argparse.Namespace, model: nn.Module | None) -> Path:
+    """``--output``, else the checkpoint's path or ``./<arch>`` with the format's suffix."""
+    if args.output:
+        return Path(args.output).expanduser()
     suffix = FORMATS[args.format]
     if args.ckpt is not None:
         path = Path(args.ckpt).expanduser()
         return path.with_name(path.name.removesuffix(path.suffix) + suffix)
     name = (getattr(model, "norton_architecture", None) or {}).get("name") or args.arch or "model"
     return Path(name.replace("torchvision.", "") + suffix)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)  # hard links and other aliases
+    except OSError:  # one of them does not exist
+        return False
+
+
+def check_output_is_not_input(args: argparse.Namespace) -> None:
+    """Refuse, before anything is loaded, an output path that is the ``--ckpt`` file itself."""
+    if args.ckpt is None:
+        return
+    ckpt, output = Path(args.ckpt).expanduser(), default_output(args, None)
+    if _same_file(ckpt, output):
+        raise UserError(f"--output {output} would overwrite the input checkpoint {ckpt}; choose another --output")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -103,14 +128,17 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"unknown --format {args.format!r}: use onnx or torchscript")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be a positive integer, got {args.batch_size}")
+    if args.input_size is not None:
+        check_image_side(args.input_size, "--input-size")
+    check_output_is_not_input(args)
     model = load_model(args).cpu().eval()
     shape = input_shape(model, args.input_size)
     example = torch.randn(args.batch_size, *shape)
     if args.optimize:
-        from norton.deploy.inference import optimize_for_inference
+        from norton.deploy.optimize import optimize_for_inference
 
         model = optimize_for_inference(model, example)
-    output = Path(args.output).expanduser() if args.output else default_output(args, model)
+    output = default_output(args, model)
     try:
         if args.format == "onnx":
             result = export_onnx(model, output, example, opset=args.opset, dynamic_batch=not args.static_batch)
@@ -124,6 +152,8 @@ def run(args: argparse.Namespace) -> int:
             "path": str(result.path), "format": result.format, "opset": result.opset,
             "checked_batch_sizes": list(result.checked_batch_sizes),
             "max_relative_difference": result.max_relative_difference, "optimized": bool(args.optimize),
+            # what optimize_for_inference chose: {"forms": {layer: form}, "fold_bn": [...], "memory_format": ...}
+            "optimize": plan_of(model)[-1] if args.optimize else None,
             "input_shape": [args.batch_size, *shape],
         })
     else:

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from norton.deploy._helpers import all_finite, non_finite_message
 from norton.errors import UserError
 
 EXPORTERS = ("torchscript", "dynamo")
@@ -90,6 +91,8 @@ def export_onnx(
         raise UserError(f"exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
     if exporter == "dynamo":
         opset = max(opset, 18)  # the dynamo exporter implements no opset below 18
+    if check:  # before any file or folder is made
+        _check_eager_finite(model, example, "ONNX export")
     path = _target(path, ".onnx")
     batches = _check_batches(example, dynamic_batch) if check else ()
     with _eval_mode(model), _temporary_beside(path) as tmp:
@@ -154,6 +157,8 @@ def export_torchscript(
     example = _check_example(example_inputs)
     if method not in TORCHSCRIPT_METHODS:
         raise UserError(f"method must be one of {', '.join(TORCHSCRIPT_METHODS)}, got {method!r}")
+    if check:  # before any file or folder is made
+        _check_eager_finite(model, example, "TorchScript export")
     path = _target(path, ".pt")
     batches = _check_batches(example, dynamic_batch=True) if check else ()
     with _eval_mode(model), _temporary_beside(path) as tmp, warnings.catch_warnings():
@@ -225,8 +230,20 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
+def _check_eager_finite(model: nn.Module, example: Tensor, what: str) -> None:
+    """``UserError`` before anything is exported if eager PyTorch itself returns NaN or inf."""
+    with _eval_mode(model), torch.no_grad():
+        if not all_finite(model(example)):
+            raise UserError(non_finite_message(model, what) + "; no file was written")
+
+
 def _compare(model: nn.Module, exported: Callable[[Tensor], Any], example: Tensor, batches: Sequence[int]) -> float:
-    """The largest relative max difference between ``exported`` and eager over random batches."""
+    """The largest relative max difference between ``exported`` and eager over random batches.
+
+    Non-finite outputs never compare: NaN or inf from eager is a ``UserError`` (the model is
+    broken), from the exported file alone an :class:`ExportCheckError` (``max(0.0, nan)`` is
+    0.0 in Python, so a NaN must never reach the running maximum).
+    """
     generator = torch.Generator().manual_seed(0)
     worst = 0.0
     for batch in batches:
@@ -238,6 +255,12 @@ def _compare(model: nn.Module, exported: Callable[[Tensor], Any], example: Tenso
         if actual.shape != expected.shape:
             raise ExportCheckError(
                 f"exported model returns shape {tuple(actual.shape)} at batch {batch}, eager returns {tuple(expected.shape)}"
+            )
+        if not all_finite(expected):
+            raise UserError(non_finite_message(model, "export") + "; no file was written")
+        if not all_finite(actual):
+            raise ExportCheckError(
+                f"exported model returns NaN or inf at batch {batch} where eager PyTorch is finite; no file was written"
             )
         scale = max(expected.abs().max().item(), 1e-12)
         worst = max(worst, (actual - expected).abs().max().item() / scale)

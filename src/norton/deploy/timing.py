@@ -1,7 +1,8 @@
 """Timing utilities: warm up, run many times, report the median and the spread.
 
-Used by :func:`norton.deploy.inference.optimize_for_inference` (per-layer form choice),
-``norton benchmark`` and the scripts in ``benchmarks/``. Timings on a shared
+A leaf module (it imports nothing from norton but the error type), used by
+:mod:`norton.deploy.optimize` (per-layer form choice), :mod:`norton.deploy.benchmark`
+(whole models, ``norton benchmark``) and the scripts in ``benchmarks/``. Timings on a shared
 machine are noisy, so callables that are compared are timed *interleaved*
 (one run of each per round, in a rotating order) and judged by their medians:
 a burst of load from another process then hits every candidate alike.
@@ -17,7 +18,6 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-from torch import Tensor, nn
 
 from norton.errors import UserError
 
@@ -154,10 +154,10 @@ def peak_memory_bytes(fn: Callable[[], Any], *, device: torch.device | str | Non
     if device is not None and torch.device(device).type == "cuda":
         synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
+        allocated = torch.cuda.memory_allocated(device)
         fn()
         synchronize(device)
-        return int(torch.cuda.max_memory_allocated(device) - before)
+        return int(torch.cuda.max_memory_allocated(device) - allocated)
     if _reset_peak_rss():
         before = _read_status_kib("VmRSS")
         fn()
@@ -170,60 +170,7 @@ def peak_memory_bytes(fn: Callable[[], Any], *, device: torch.device | str | Non
     return max(0, after_max - before_max) * 1024 if os.name == "posix" else None
 
 
-# ------------------------------------------------------------------ models
-@dataclass(frozen=True)
-class ModelTiming:
-    """Latency, throughput and peak memory of one model at one batch size."""
-
-    batch_size: int
-    latency: LatencyStats
-    peak_memory_bytes: int | None
-
-    @property
-    def throughput(self) -> float:
-        """Images per second at the median latency."""
-        return self.batch_size / (self.latency.median_ms / 1e3)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "batch_size": self.batch_size,
-            "latency": self.latency.as_dict(),
-            "throughput_images_per_s": self.throughput,
-            "peak_memory_bytes": self.peak_memory_bytes,
-        }
-
-
-def torch_runner(model: nn.Module, inputs: Tensor) -> Callable[[], Any]:
-    """``model(inputs)`` under ``torch.inference_mode`` (the model is put in eval mode)."""
-    model.eval()
-
-    def run() -> Any:
-        with torch.inference_mode():
-            return model(inputs)
-
-    return run
-
-
-def time_models(
-    runners: Mapping[str, Callable[[], Any]],
-    *,
-    batch_size: int,
-    warmup: int = 5,
-    repeats: int = 30,
-    max_time_s: float | None = None,
-    device: torch.device | str | None = None,
-    memory: bool = True,
-) -> dict[str, ModelTiming]:
-    """Time whole-model runners interleaved and measure each one's peak memory."""
-    stats = compare_callables(runners, warmup=warmup, repeats=repeats, max_time_s=max_time_s, device=device)
-    return {
-        name: ModelTiming(
-            batch_size, stats[name], peak_memory_bytes(runner, device=device) if memory else None
-        )
-        for name, runner in runners.items()
-    }
-
-
+# ------------------------------------------------------------------ environment
 def environment(device: torch.device | str = "cpu") -> dict[str, Any]:
     """What a timing depends on: versions, threads, device name."""
     device = torch.device(device)
@@ -235,66 +182,3 @@ def environment(device: torch.device | str = "cpu") -> dict[str, Any]:
         "device_name": name,
         "cpu_count": os.cpu_count(),
     }
-
-
-RUNTIMES = ("torch", "onnxruntime")
-
-
-def compare_models(
-    models: Mapping[str, nn.Module],
-    input_shape: Sequence[int],
-    *,
-    batch_sizes: Sequence[int] = (1,),
-    device: torch.device | str = "cpu",
-    runtime: str = "torch",
-    optimize: bool = False,
-    warmup: int = 5,
-    repeats: int = 30,
-    max_time_s: float | None = None,
-    memory: bool = True,
-    workdir: str | os.PathLike | None = None,
-) -> dict[int, dict[str, ModelTiming]]:
-    """Time several models side by side on random inputs ``(B, *input_shape)``, per batch size.
-
-    Models are timed interleaved (see :func:`compare_callables`), so their ratio is
-    fair on a loaded machine. ``optimize`` runs
-    :func:`norton.deploy.inference.optimize_for_inference` for every model at every batch
-    size (the fastest form depends on it). ``runtime="onnxruntime"`` exports each
-    (checked) model to ONNX in ``workdir`` (a temporary folder by default) and times
-    an onnxruntime CPU session. Returns ``{batch_size: {name: ModelTiming}}``.
-    """
-    import tempfile
-
-    if runtime not in RUNTIMES:
-        raise UserError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
-    device = torch.device(device)
-    if runtime == "onnxruntime" and device.type != "cpu":
-        raise UserError("the onnxruntime runtime runs on CPU here; use --device cpu or --runtime torch")
-    for batch in batch_sizes:
-        if not isinstance(batch, int) or batch < 1:
-            raise UserError(f"batch sizes must be positive integers, got {batch!r}")
-    results: dict[int, dict[str, ModelTiming]] = {}
-    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-        for batch in batch_sizes:
-            generator = torch.Generator().manual_seed(batch)
-            inputs = torch.randn((batch, *input_shape), generator=generator).to(device)
-            runners = {}
-            for name, model in models.items():
-                prepared = model.to(device).eval()
-                if optimize:
-                    from norton.deploy.inference import optimize_for_inference
-
-                    prepared = optimize_for_inference(prepared, inputs, device=device)
-                if runtime == "onnxruntime":
-                    from norton.deploy.export import export_onnx, onnxruntime_runner, onnxruntime_session
-
-                    path = os.path.join(tmp, f"{len(runners)}_b{batch}.onnx")
-                    export_onnx(prepared.cpu(), path, inputs.cpu())
-                    runners[name] = onnxruntime_runner(onnxruntime_session(path), inputs)
-                else:
-                    runners[name] = torch_runner(prepared, inputs)
-            results[batch] = time_models(
-                runners, batch_size=batch, warmup=warmup, repeats=repeats, max_time_s=max_time_s,
-                device=device, memory=memory,
-            )
-    return results

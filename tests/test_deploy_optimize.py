@@ -1,156 +1,18 @@
-"""Inference and training forms of CPDBlocks: equivalence, BN folding, record/replay, timing utilities."""
+"""optimize_for_inference / optimize_for_training and the "optimize" plan operation (norton.deploy.optimize)."""
 from __future__ import annotations
-
-import copy
-import time
 
 import pytest
 import torch
 from torch import nn
 
 from norton.decomposition.cpd_block import CPDBlock
-from norton.deploy.inference import (
-    INFERENCE_FORMS,
-    TRAINING_FORMS,
-    GroupedCPDConv,
-    MergedCPDConv,
-    TrainingFormCPDBlock,
-    build_form,
-    find_batchnorm_pairs,
-    fold_batchnorm,
-    form_of,
-    optimize_for_inference,
-    optimize_for_training,
-    replay_optimize,
-    set_training_form,
-)
-from norton.deploy.timing import LatencyStats, compare_callables, peak_memory_bytes
+from norton.deploy.forms import INFERENCE_FORMS, TRAINING_FORMS, form_of
+from norton.deploy.optimize import optimize_for_inference, optimize_for_training, replay_optimize
 from norton.errors import UserError
-
-# (in, out, rank, kernel, stride, padding, dilation, bias, padding_mode)
-BLOCK_CONFIGS = [
-    (6, 5, 3, 3, 1, 1, 1, True, "zeros"),
-    (4, 7, 2, (3, 5), (2, 1), (1, 2), (1, 2), False, "zeros"),
-    (5, 4, 1, (1, 3), 2, (0, 1), 1, True, "zeros"),
-    (3, 6, 4, 3, 1, 2, 2, False, "reflect"),
-    (8, 8, 2, (5, 3), (1, 2), 0, 1, True, "circular"),
-]
-
-
-def _random_block(config, seed: int = 0) -> CPDBlock:
-    c_in, n, r, k, s, p, d, bias, mode = config
-    torch.manual_seed(seed)
-    block = CPDBlock(c_in, n, r, k, stride=s, padding=p, dilation=d, bias=bias, padding_mode=mode)
-    with torch.no_grad():
-        for param in block.parameters():
-            param.normal_()
-    return block
-
-
-def _random_bn(channels: int, seed: int = 1) -> nn.BatchNorm2d:
-    torch.manual_seed(seed)
-    bn = nn.BatchNorm2d(channels)
-    with torch.no_grad():
-        bn.running_mean.normal_()
-        bn.running_var.uniform_(0.5, 2.0)
-        bn.weight.normal_()
-        bn.bias.normal_()
-    return bn.eval()
 
 
 def _relative(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual - expected).abs().max() / expected.abs().max()).item()
-
-
-def _input(block: CPDBlock, batch: int = 2) -> torch.Tensor:
-    torch.manual_seed(2)
-    return torch.randn(batch, block.in_channels, 11, 9)
-
-
-# ------------------------------------------------------------------ forms
-@pytest.mark.parametrize("config", BLOCK_CONFIGS)
-@pytest.mark.parametrize("form", INFERENCE_FORMS)
-def test_inference_form_equals_block(config, form):
-    block = _random_block(config).eval()
-    x = _input(block)
-    module = build_form(block, form)
-    assert form_of(module) == form
-    with torch.no_grad():
-        assert _relative(module(x), block(x)) < 1e-4
-
-
-@pytest.mark.parametrize("config", BLOCK_CONFIGS)
-@pytest.mark.parametrize("form", INFERENCE_FORMS)
-def test_inference_form_after_batchnorm_folding_equals_block_then_bn(config, form):
-    block = _random_block(config).eval()
-    bn = _random_bn(block.out_channels)
-    x = _input(block)
-    with torch.no_grad():
-        expected = bn(block(x))
-        folded = copy.deepcopy(block)
-        fold_batchnorm(folded, bn)
-        assert folded.bias is not None
-        assert _relative(build_form(folded, form)(x), expected) < 1e-4
-
-
-def test_forms_are_built_from_plain_convolutions():
-    block = _random_block(BLOCK_CONFIGS[0])
-    for form in ("merged", "grouped", "dense"):
-        leaves = [m for m in build_form(block, form).modules() if not list(m.children())]
-        assert leaves and all(type(m) is nn.Conv2d for m in leaves), form
-    grouped = build_form(block, "grouped")
-    assert isinstance(grouped, GroupedCPDConv) and grouped.grouped.groups == block.out_channels
-
-
-def test_batchnorm_fold_into_merged_form_and_conv():
-    block = _random_block(BLOCK_CONFIGS[1]).eval()
-    bn = _random_bn(block.out_channels)
-    x = _input(block)
-    merged = MergedCPDConv(block)
-    conv = build_form(block, "dense")
-    with torch.no_grad():
-        expected = bn(block(x))
-        fold_batchnorm(merged, bn)
-        fold_batchnorm(conv, bn)
-        assert _relative(merged(x), expected) < 1e-4
-        assert _relative(conv(x), expected) < 1e-4
-
-
-# ------------------------------------------------------------------ training forms
-@pytest.mark.parametrize("config", BLOCK_CONFIGS[:4])
-def test_training_forms_give_same_outputs_and_factor_gradients(config):
-    reference = _random_block(config).train()
-    x = _input(reference).requires_grad_(True)
-    out = reference(x)
-    grad_out = torch.randn_like(out)
-    out.backward(grad_out)
-    expected = {name: p.grad.clone() for name, p in reference.named_parameters()}
-    expected_x = x.grad.clone()
-    for form in TRAINING_FORMS:
-        block = copy.deepcopy(reference)
-        block.zero_grad(set_to_none=True)
-        x.grad = None
-        set_training_form(block, form)
-        y = block(x)
-        assert _relative(y, out) < 1e-4, form
-        y.backward(grad_out)
-        for name, p in block.named_parameters():
-            assert _relative(p.grad, expected[name]) < 1e-4, (form, name)
-        assert _relative(x.grad, expected_x) < 1e-4, form
-
-
-def test_training_form_keeps_parameters_and_state_dict_keys():
-    block = _random_block(BLOCK_CONFIGS[0])
-    params = {name: p for name, p in block.named_parameters()}
-    keys = list(block.state_dict())
-    set_training_form(block, "dense")
-    assert type(block) is TrainingFormCPDBlock and isinstance(block, CPDBlock)
-    assert list(block.state_dict()) == keys
-    assert all(p is params[name] for name, p in block.named_parameters())
-    set_training_form(block, "cpd")
-    assert type(block) is CPDBlock
-    with pytest.raises(UserError):
-        set_training_form(block, "fast")
 
 
 def _small_model(rank: int = 2) -> nn.Sequential:
@@ -186,32 +48,6 @@ def test_optimize_for_training_switches_forms_in_place_without_changing_results(
         assert _relative(model(x), expected) < 1e-4
     forced = optimize_for_training(model, x, forms=("grouped",))
     assert set(forced.values()) == {"grouped"} and model[3].training_form == "grouped"
-
-
-# ------------------------------------------------------------------ BN pairing
-class _TapModel(nn.Module):
-    """conv_a feeds its BN and a residual tap (not foldable); conv_b feeds only its BN (foldable)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv_a = nn.Conv2d(3, 4, 3, padding=1)
-        self.bn_a = nn.BatchNorm2d(4)
-        self.conv_b = nn.Conv2d(4, 4, 3, padding=1)
-        self.bn_b = nn.BatchNorm2d(4)
-
-    def forward(self, x):
-        a = self.conv_a(x)
-        return self.bn_b(self.conv_b(self.bn_a(a))) + a
-
-
-def test_batchnorm_pairs_skip_outputs_used_elsewhere():
-    model = _TapModel().eval()
-    assert find_batchnorm_pairs(model, torch.randn(2, 3, 8, 8)) == [("conv_b", "bn_b")]
-
-
-def test_batchnorm_pairs_need_eval_mode():
-    model = _TapModel().train()
-    assert find_batchnorm_pairs(model, torch.randn(2, 3, 8, 8)) == []
 
 
 # ------------------------------------------------------------------ optimize_for_inference
@@ -344,35 +180,105 @@ def test_optimize_torchvision_model_with_decomposed_layers():
     assert ["layer2.0.downsample.0", "layer2.0.downsample.1"] in optimized.norton_plan[-1]["fold_bn"]
 
 
-# ------------------------------------------------------------------ latency utilities
-def test_compare_callables_ranks_a_slower_function_last():
-    stats = compare_callables(
-        {"fast": lambda: None, "slow": lambda: time.sleep(0.004)}, warmup=1, repeats=5
+# ------------------------------------------------------------------ the MACs rule
+def test_rule_counts_macs_with_the_complexity_module():
+    from norton.complexity import cpd_block_macs
+    from norton.deploy.choice import DENSE_EFFICIENCY, form_macs, rule_form
+
+    block = CPDBlock(16, 16, 1, 3, padding=1)
+    shape = (4, 16, 10, 10)
+    for form in INFERENCE_FORMS:
+        assert form_macs(block, shape, form) == 4 * cpd_block_macs(block, (10, 10), form)
+    # rank 1 of a 16-channel 3x3: dense needs > DENSE_EFFICIENCY x the factored MACs, so a factored form wins:
+    # the fewest MACs ("cpd", two 1-D passes), or among equal MACs (merged, grouped) the faster "grouped"
+    assert form_macs(block, shape, "dense") > DENSE_EFFICIENCY * form_macs(block, shape, "merged")
+    assert rule_form(block, shape, INFERENCE_FORMS) == "cpd"
+    assert rule_form(block, shape, ("merged", "grouped", "dense")) == "grouped"
+    assert rule_form(CPDBlock(16, 16, 8, 3, padding=1), shape, INFERENCE_FORMS) == "dense"
+
+
+# ------------------------------------------------------------------ non-finite models
+def test_nan_model_is_refused_before_any_work_and_left_unchanged():
+    model = _small_model()
+    with torch.no_grad():
+        model[3].feature.pointwise.weight[0, 0] = float("nan")
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    with pytest.raises(UserError, match=r"not finite.*'3\.feature\.pointwise\.weight'"):
+        optimize_for_inference(model, torch.randn(2, 3, 16, 16), measure=False)
+    assert isinstance(model[1], nn.BatchNorm2d) and not hasattr(model, "norton_plan")
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if before[k].isfinite().all())
+
+
+# ------------------------------------------------------------------ the plan operation
+def test_optimize_is_registered_with_its_replay_and_describe():
+    from norton.plan import describe_plan, get_operation, list_operations
+
+    assert "optimize" in list_operations()
+    assert get_operation("optimize").replay is replay_optimize
+    optimized = optimize_for_inference(_small_model(rank=8), torch.randn(2, 3, 16, 16), measure=False)
+    (line,) = describe_plan(optimized.norton_plan)
+    assert line == "optimize: 2 layers as dense; 2 BatchNorms folded; contiguous (chosen by the MACs rule)"
+    record = {"op": "optimize", "forms": {"a": "dense", "b": "merged", "c": "dense"}, "fold_bn": [["a", "bn"]],
+              "memory_format": "channels_last", "measured_on": {"device": "cpu", "batch_size": 8, "measure": True}}
+    assert get_operation("optimize").describe(record) == (
+        "optimize: 2 layers as dense, 1 as merged; 1 BatchNorm folded; channels_last (timed on cpu at batch 8)"
     )
-    assert stats["slow"].median_ms > stats["fast"].median_ms
-    assert stats["slow"].min_ms >= 3.5 and stats["slow"].runs == 5
-    assert stats["slow"].q1_ms <= stats["slow"].median_ms <= stats["slow"].q3_ms
 
 
-def test_latency_stats_summary():
-    stats = LatencyStats.from_seconds([0.004, 0.001, 0.003, 0.002, 0.005])
-    assert stats.median_ms == pytest.approx(3.0) and stats.min_ms == pytest.approx(1.0)
-    assert stats.max_ms == pytest.approx(5.0) and stats.iqr_ms == pytest.approx(2.0)
+@pytest.mark.parametrize(
+    ("record", "needle"),
+    [
+        ({"op": "optimize", "forms": ["3"]}, "'forms' must be"),
+        ({"op": "optimize", "forms": {"3": "fast"}}, "unknown form 'fast'"),
+        ({"op": "optimize", "fold_bn": "0,1"}, "'fold_bn' must be"),
+        ({"op": "optimize", "fold_bn": [["0", "1", "2"]]}, "pairs"),
+        ({"op": "optimize", "fold_bn": [["0", 1]]}, "pairs"),
+        ({"op": "optimize", "memory_format": "auto"}, "memory_format"),
+        ({"op": "optimize", "memory_format": "nhwc"}, "memory_format"),
+        ({"op": "optimize", "measured_on": 3}, "measured_on"),
+    ],
+)
+def test_bad_records_are_refused_before_the_model_changes(record, needle):
+    from norton.plan import check_plan
+
+    with pytest.raises(UserError, match=needle):
+        check_plan([record])
+    model = _small_model()
+    with pytest.raises(UserError, match=needle):
+        replay_optimize(model, record)
+    assert isinstance(model[1], nn.BatchNorm2d) and not hasattr(model, "norton_plan")
 
 
-def test_compare_callables_respects_time_budget_and_rejects_bad_counts():
-    stats = compare_callables({"slow": lambda: time.sleep(0.01)}, warmup=0, repeats=100, max_time_s=0.03)
-    assert 3 <= stats["slow"].runs < 100
-    with pytest.raises(UserError):
-        compare_callables({"f": lambda: None}, repeats=0)
+def test_replay_checks_every_layer_before_changing_the_model():
+    model = _small_model()
+    record = {"op": "optimize", "forms": {"3": "dense", "5": "dense"}, "fold_bn": [["0", "1"]]}
+    with pytest.raises(UserError, match="'5' as a CPDBlock, but the model has ReLU"):
+        replay_optimize(model, record)
+    with pytest.raises(UserError, match="folds '2' as a BatchNorm"):
+        replay_optimize(model, {"op": "optimize", "fold_bn": [["0", "2"]]})
+    assert isinstance(model[1], nn.BatchNorm2d) and isinstance(model[3], CPDBlock)
 
 
-def test_peak_memory_sees_a_large_allocation():
-    size = 64 * 2**20
+def test_replay_appends_a_plain_copy_of_the_record():
+    record = {"op": "optimize", "forms": {"3": "merged"}, "fold_bn": [], "memory_format": "contiguous"}
+    model = replay_optimize(_small_model(), record)
+    assert model.norton_plan == [record] and model.norton_plan[0] is not record
+    record["forms"]["3"] = "dense"  # the caller's dict stays the caller's
+    assert model.norton_plan[0]["forms"] == {"3": "merged"}
 
-    def allocate():
-        buffer = torch.ones(size // 4)  # 64 MiB of float32, touched
-        return buffer.sum()
 
-    measured = peak_memory_bytes(allocate)
-    assert measured is not None and measured >= size * 0.9
+def test_save_then_load_an_optimized_model(tmp_path):
+    import norton
+    from norton.models import create_model
+
+    model = create_model("resnet_20", rank=2).eval()
+    x = torch.randn(2, 3, 8, 8)
+    optimized = norton.optimize_for_inference(model, x, measure=False)
+    assert len(optimized.norton_plan[-1]["forms"]) > 0 and optimized.norton_plan[-1]["fold_bn"]
+    path = norton.save(optimized, tmp_path / "optimized.pt")
+    loaded = norton.load(path)
+    assert [type(m) for m in loaded.modules()] == [type(m) for m in optimized.modules()]
+    assert loaded.norton_plan == optimized.norton_plan
+    with torch.no_grad():
+        assert torch.equal(loaded(x), optimized(x))

@@ -1,0 +1,328 @@
+"""``optimize_for_inference`` / ``optimize_for_training`` and the ``"optimize"`` plan operation.
+
+:func:`optimize_for_inference` returns an eval-mode copy of a model with eval-mode
+BatchNorms folded into the layer before them (:mod:`norton.deploy.batchnorm`), each
+CPDBlock in its fastest equivalent form (:mod:`norton.deploy.forms`, chosen by
+:mod:`norton.deploy.choice`), and the memory format (NCHW or channels-last) that
+runs the whole model fastest. What it chose is appended to ``model.norton_plan`` as::
+
+    {"op": "optimize", "forms": {layer: form}, "fold_bn": [[producer, batchnorm], ...],
+     "memory_format": "contiguous" | "channels_last",
+     "measured_on": {"device": ..., "batch_size": ..., "measure": ...}}
+
+and :func:`replay_optimize` rebuilds that structure before a state dict loads (this
+module registers the operation with :mod:`norton.plan`, so ``norton.save`` /
+``norton.load`` / ``norton info`` handle optimized models).
+
+:func:`optimize_for_training` switches, per layer and in place, how a CPDBlock
+computes its forward (e.g. rebuild the dense kernel from the factors each step and
+run one conv). Parameters and state-dict keys stay those of the CPDBlock, so
+optimizers, checkpoints and results are unchanged; only the speed differs.
+"""
+from __future__ import annotations
+
+import copy
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from norton.decomposition.cpd_block import CPDBlock
+from norton.deploy._helpers import (
+    Inputs,
+    all_finite,
+    as_tuple,
+    model_device,
+    non_finite_message,
+    set_submodule,
+    tensors_in,
+    to_memory_format,
+)
+from norton.deploy.batchnorm import PRODUCERS, find_batchnorm_pairs, fold_batchnorm, fold_structure
+from norton.deploy.choice import (
+    block_signature,
+    capture_input_shapes,
+    choose_forms,
+    fastest_model,
+    fastest_training_form,
+)
+from norton.deploy.forms import (
+    INFERENCE_FORMS,
+    TRAINING_FORMS,
+    TrainingFormCPDBlock,
+    build_form,
+    is_plain_block,
+    set_training_form,
+)
+from norton.errors import UserError
+from norton.limits import check_int
+from norton.plan import PlanOperation, append_record, record_original, register_operation
+
+MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
+# Formats a record can hold: "auto" is resolved before anything is recorded.
+RECORDED_MEMORY_FORMATS = MEMORY_FORMATS[1:]
+# Relative tolerance of the end-to-end check: max |optimized - original| / max |original|.
+RELATIVE_TOLERANCE = 1e-4
+
+
+# ================================================================ inference
+def optimize_for_inference(
+    model: nn.Module,
+    example_inputs: Inputs,
+    *,
+    device: torch.device | str | None = None,
+    forms: Sequence[str] = INFERENCE_FORMS,
+    fold_bn: bool = True,
+    memory_format: str = "auto",
+    measure: bool = True,
+    warmup: int = 1,
+    repeats: int = 7,
+    check: bool = True,
+) -> nn.Module:
+    """An eval-mode copy of ``model`` with each CPDBlock in its fastest equivalent form.
+
+    ``model`` itself is not modified (it is deep-copied first).
+
+    Args:
+        model: any module, e.g. from ``norton.create_model``, after decompose/prune.
+        example_inputs: a batch like the ones the model will serve (its batch size
+            matters: the fastest form at batch 1 is not always the fastest at 32).
+        device: where to run and measure; default: the model's device.
+        forms: the candidate forms, from ``"cpd", "merged", "grouped", "dense"``.
+        fold_bn: fold eval-mode BatchNorms into the layer before them.
+        memory_format: ``"contiguous"``, ``"channels_last"``, or ``"auto"`` (time the
+            whole model in both and keep the faster; ``"contiguous"`` when ``measure=False``).
+        measure: time candidates per layer; ``False`` uses a MACs rule instead (fast, deterministic).
+        warmup, repeats: per-layer timing (interleaved rounds, median).
+        check: compare outputs with the original on ``example_inputs`` (relative
+            max difference ``<= 1e-4``), raising ``RuntimeError`` otherwise; a model whose
+            own outputs are not finite (NaN or inf) cannot be checked: ``UserError``.
+
+    The choice is appended to ``model.norton_plan`` (see the module docstring);
+    :func:`replay_optimize` rebuilds it.
+    """
+    forms = _check_forms(forms, INFERENCE_FORMS, "inference")
+    if memory_format not in MEMORY_FORMATS:
+        raise UserError(f"memory_format must be one of {', '.join(MEMORY_FORMATS)}, got {memory_format!r}")
+    if not isinstance(model, nn.Module):
+        raise UserError(f"expected an nn.Module, got {type(model).__name__}")
+    check_int(warmup, "warmup", minimum=0)
+    check_int(repeats, "repeats", minimum=1)
+    device = torch.device(device) if device is not None else model_device(model)
+    inputs = tuple(t.to(device) for t in as_tuple(example_inputs))
+    model = copy.deepcopy(model).to(device).eval()  # the caller's model stays as it is
+    record_original(model)
+    for module in model.modules():
+        if type(module) is TrainingFormCPDBlock:  # a training-time forward is no inference form
+            set_training_form(module, "cpd")
+    reference = _run(model, inputs) if check else None
+    if reference is not None and not all_finite(reference):
+        raise UserError(non_finite_message(model, "optimize_for_inference"))
+
+    pairs = find_batchnorm_pairs(model, inputs) if fold_bn else []
+    modules = dict(model.named_modules())
+    for producer, bn in pairs:
+        fold_batchnorm(modules[producer], modules[bn])
+        set_submodule(model, bn, nn.Identity())
+
+    blocks = [name for name, m in model.named_modules() if isinstance(m, CPDBlock)]
+    if memory_format != "auto":
+        formats: tuple[str, ...] = (memory_format,)
+    else:  # without measuring there is nothing to compare formats by: keep the default layout
+        formats = ("contiguous", "channels_last") if measure else ("contiguous",)
+    candidates: dict[str, tuple[nn.Module, dict[str, str]]] = {}
+    for fmt in formats:
+        candidate = model if len(formats) == 1 else copy.deepcopy(model)
+        try:
+            chosen = choose_forms(candidate, blocks, inputs, forms, fmt, measure, warmup, repeats)
+        except RuntimeError:  # e.g. a .view() in the model that channels-last strides do not allow
+            if len(formats) == 1:
+                raise
+            continue
+        candidates[fmt] = (candidate, chosen)
+    if not candidates:
+        raise RuntimeError("optimize_for_inference: the model runs in no memory format tried")
+    if len(candidates) == 1:
+        fmt = next(iter(candidates))
+    else:
+        fmt = fastest_model({key: module for key, (module, _) in candidates.items()}, inputs, device)
+    model, chosen = candidates[fmt]
+
+    if reference is not None:
+        _check_close(reference, _run(model, inputs), "optimize_for_inference")
+    append_record(model, {
+        "op": "optimize",
+        "forms": dict(chosen),
+        "fold_bn": [[producer, bn] for producer, bn in pairs],
+        "memory_format": fmt,
+        "measured_on": {"device": str(device), "batch_size": int(inputs[0].shape[0]) if inputs[0].dim() else 1,
+                        "measure": bool(measure)},
+    })
+    return model
+
+
+def replay_optimize(model: nn.Module, record: Mapping[str, Any]) -> nn.Module:
+    """Rebuild, in place, the structure an ``{"op": "optimize", ...}`` record describes.
+
+    BatchNorms named in ``fold_bn`` become ``nn.Identity`` (their producer gains
+    a bias), CPDBlocks become their recorded form, and the memory format is set.
+    Weights are placeholders: load the optimized model's state dict next. The
+    record is appended to ``model.norton_plan``.
+    """
+    check_optimize_record(record)
+    forms, folds = record.get("forms", {}), record.get("fold_bn", [])
+    modules = dict(model.named_modules())
+    for producer, bn in folds:  # every layer checked before the model changes
+        for name, kinds, what in ((producer, PRODUCERS, "a Conv2d or CPDBlock"), (bn, _BatchNorm, "a BatchNorm")):
+            if name not in modules:
+                raise UserError(f"optimize record names layer {name!r}, which the model does not have")
+            if not isinstance(modules[name], kinds):
+                raise UserError(f"optimize record folds {name!r} as {what}, but the model has "
+                                f"{type(modules[name]).__name__} there")
+    for name in forms:
+        if not isinstance(modules.get(name), CPDBlock):
+            found = type(modules[name]).__name__ if name in modules else "nothing"
+            raise UserError(f"optimize record names {name!r} as a CPDBlock, but the model has {found} there")
+    record_original(model)
+    for producer, bn in folds:
+        fold_structure(modules[producer])
+        set_submodule(model, bn, nn.Identity())
+    for name, form in forms.items():
+        if form != "cpd":
+            set_submodule(model, name, build_form(modules[name], form))
+    to_memory_format(model, record.get("memory_format", "contiguous"))
+    model.eval()
+    append_record(model, record)
+    return model
+
+
+def check_optimize_record(record: Mapping[str, Any]) -> None:
+    """Schema of an optimize record: known forms per layer name, ``[producer, batchnorm]`` name pairs, a format."""
+    if not isinstance(record, Mapping) or record.get("op") != "optimize":
+        raise UserError(f"not an optimize record: {str(record)[:80]}")
+    forms = record.get("forms", {})
+    if not isinstance(forms, Mapping):
+        raise UserError(f"optimize record: 'forms' must be {{layer name: form}}, got {type(forms).__name__}")
+    for name, form in forms.items():
+        if not isinstance(name, str):
+            raise UserError(f"optimize record: layer names must be strings, got {name!r}")
+        if form not in INFERENCE_FORMS:
+            raise UserError(
+                f"optimize record: unknown form {form!r} for layer {name!r}; known: {', '.join(INFERENCE_FORMS)}"
+            )
+    folds = record.get("fold_bn", [])
+    if not isinstance(folds, (list, tuple)):
+        raise UserError(f"optimize record: 'fold_bn' must be a list of [producer, batchnorm], got {folds!r:.60}")
+    for pair in folds:
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not all(isinstance(n, str) for n in pair):
+            raise UserError(f"optimize record: fold_bn entries must be [producer, batchnorm] name pairs, got {pair!r:.60}")
+    fmt = record.get("memory_format", "contiguous")
+    if fmt not in RECORDED_MEMORY_FORMATS:
+        raise UserError(
+            f"optimize record: memory_format must be one of {', '.join(RECORDED_MEMORY_FORMATS)}, got {fmt!r:.40}"
+        )
+    measured_on = record.get("measured_on", {})
+    if not isinstance(measured_on, Mapping):
+        raise UserError(f"optimize record: 'measured_on' must be a dict, got {type(measured_on).__name__}")
+
+
+def describe_optimize_record(record: Mapping[str, Any]) -> str:
+    """``optimize: 12 layers as dense, 3 as merged; 20 BatchNorms folded; channels_last (timed on cpu at batch 1)``."""
+    counts = Counter(record.get("forms", {}).values()).most_common()
+    forms = ", ".join(
+        f"{count} layer{'s' * (count != 1)} as {form}" if i == 0 else f"{count} as {form}"
+        for i, (form, count) in enumerate(counts)
+    ) or "no CPDBlocks"
+    folds = len(record.get("fold_bn", []))
+    line = (f"optimize: {forms}; {folds} BatchNorm{'s' * (folds != 1)} folded; "
+            f"{record.get('memory_format', 'contiguous')}")
+    measured_on = record.get("measured_on") or {}
+    if measured_on.get("measure") is False:
+        return line + " (chosen by the MACs rule)"
+    if "device" in measured_on:
+        return line + f" (timed on {measured_on['device']} at batch {measured_on.get('batch_size', '?')})"
+    return line
+
+
+register_operation(PlanOperation(
+    name="optimize",
+    check=check_optimize_record,
+    replay=replay_optimize,
+    describe=describe_optimize_record,
+    example=lambda model, example_inputs: optimize_for_inference(model, example_inputs, measure=False),
+))
+
+
+# ================================================================ training
+def optimize_for_training(
+    model: nn.Module,
+    example_inputs: Inputs,
+    *,
+    forms: Sequence[str] = TRAINING_FORMS,
+    measure: bool = True,
+    warmup: int = 2,
+    repeats: int = 7,
+) -> dict[str, str]:
+    """Pick, in place, each CPDBlock's fastest forward+backward implementation.
+
+    Parameters, state-dict keys and outputs are unchanged, so it can be called
+    on a model already wrapped by an optimizer. Returns ``{layer: form}``.
+    ``measure=False`` picks ``"dense"`` where it is allowed (on CPU and GPU the
+    dense conv's backward is the best-tuned kernel), else the first form given.
+    """
+    forms = _check_forms(forms, TRAINING_FORMS, "training")
+    check_int(warmup, "warmup", minimum=0)
+    check_int(repeats, "repeats", minimum=1)
+    blocks = {name: m for name, m in model.named_modules() if is_plain_block(m)}
+    if not blocks:
+        return {}
+    shapes = capture_input_shapes(model, blocks, as_tuple(example_inputs), grad=True)
+    chosen: dict[str, str] = {}
+    cache: dict[tuple, str] = {}
+    for name, block in blocks.items():
+        if name not in shapes:
+            continue
+        if not measure:
+            chosen[name] = "dense" if "dense" in forms else forms[0]
+        else:
+            key = (block_signature(block), tuple(shapes[name]))
+            if key not in cache:
+                cache[key] = fastest_training_form(block, shapes[name], forms, warmup, repeats)
+            chosen[name] = cache[key]
+        set_training_form(block, chosen[name])
+    return chosen
+
+
+# ================================================================ helpers
+def _check_forms(forms: Sequence[str], allowed: Sequence[str], what: str) -> tuple[str, ...]:
+    if isinstance(forms, str):
+        forms = (forms,)
+    forms = tuple(forms)
+    if not forms:
+        raise UserError(f"need at least one {what} form; choose from {', '.join(allowed)}")
+    for form in forms:
+        if form not in allowed:
+            raise UserError(f"unknown {what} form {form!r}; choose from {', '.join(allowed)}")
+    return forms
+
+
+def _run(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Any:
+    with torch.no_grad():
+        return model(*inputs)
+
+
+def _check_close(expected: Any, actual: Any, what: str) -> None:
+    """Raise ``RuntimeError`` if ``actual`` differs from ``expected`` beyond the tolerance (NaN counts as far)."""
+    for a, b in zip(tensors_in(actual), tensors_in(expected), strict=True):
+        if not b.numel():
+            continue
+        scale = max(b.abs().max().item(), 1e-12)
+        error = (a.float() - b.float()).abs().max().item()
+        if not error <= RELATIVE_TOLERANCE * scale:  # `not <=`: a NaN difference fails too
+            raise RuntimeError(
+                f"{what}: outputs differ from the original by {error:.3g} (relative {error / scale:.3g} "
+                f"> {RELATIVE_TOLERANCE}); this is a bug in norton, please report it"
+            )
