@@ -3,7 +3,10 @@
 Every export is written to a temporary file beside the target, run on random
 inputs (batch 1 and another batch size when the batch is dynamic) and compared
 with the eager model; only a file that passes is renamed into place, so a
-failed or mismatching export never leaves a file behind.
+failed or mismatching export never leaves a file behind. NaN and inf never pass:
+a model whose own outputs are not finite is refused before anything is written
+(``UserError``), and a file that returns them where eager is finite is an
+:class:`ExportCheckError`.
 
 ONNX goes through ``torch.onnx.export``. torch 2.14 offers two exporters:
 ``exporter="torchscript"`` (the legacy tracer, ``dynamo=False``; the default here)
