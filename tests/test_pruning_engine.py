@@ -372,8 +372,8 @@ def test_decompose_then_prune_and_prune_then_decompose_both_replay():
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        ({"ratio": 1.0}, "ratio must be"),
-        ({"ratio": -0.1}, "ratio must be"),
+        ({"ratio": 1.0}, "ratio is the fraction of filters removed"),
+        ({"ratio": -0.1}, "ratio is the fraction of filters removed"),
         ({"ratio": {"stem": 1.5}}, "ratio for 'stem'"),
         ({}, "exactly one of"),
         ({"ratio": 0.5, "target_macs": 0.5}, "exactly one of"),
