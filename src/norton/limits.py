@@ -34,6 +34,10 @@ MAX_CLASSES = 100_000
 MAX_IN_CHANNELS = 1_024
 # Width multiple of ``round_to``: widths beyond this exist in no CNN.
 MAX_ROUND_TO = 4_096
+# Images per batch (an example input, a timing batch, a data loader's batch).
+MAX_BATCH_SIZE = 65_536
+# Timing repetitions and warm-up runs.
+MAX_REPEATS = 10_000
 # Iterative pruning steps and training epochs.
 MAX_STEPS = 10_000
 MAX_EPOCHS = 100_000
@@ -126,6 +130,14 @@ def check_input_size(value: Any, name: str = "input_size") -> tuple[int, ...]:
 def check_image_side(value: Any, name: str = "--input-size") -> int:
     """One image side in pixels, ``[1, MAX_INPUT_SIDE]``."""
     return check_int(value, name, minimum=1, maximum=MAX_INPUT_SIDE)
+
+
+def check_batch_size(value: Any, name: str = "batch size") -> int:
+    return check_int(value, name, minimum=1, maximum=MAX_BATCH_SIZE)
+
+
+def check_repeats(value: Any, name: str = "repeats", *, minimum: int = 1) -> int:
+    return check_int(value, name, minimum=minimum, maximum=MAX_REPEATS)
 
 
 def check_epochs(value: Any, name: str = "epochs", *, minimum: int = 0) -> int:

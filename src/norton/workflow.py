@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import Subset
 
 from norton.errors import UserError
-from norton.limits import check_epochs, check_int, check_learning_rate
+from norton.limits import check_batch_size, check_epochs, check_int, check_learning_rate
 from norton.pipeline import (
     FineTune,
     check_compress_arguments,
@@ -127,8 +127,10 @@ def run_compression(
     """
     from norton.report import write_report
     from norton.serialization import load_model_file, save
+    from norton.training.checkpoint import check_output_dir
     from norton.training.data import build_datasets, build_loaders
-    from norton.training.loop import check_output_dir, fit, resolve_device, seed_everything
+    from norton.training.distributed import resolve_device, seed_everything
+    from norton.training.loop import fit
 
     started = time.perf_counter()
     say: Log = log or (lambda message: None)
@@ -141,7 +143,7 @@ def run_compression(
     )
     epochs = 1 if baseline_epochs is None else check_epochs(baseline_epochs, "baseline_epochs", minimum=1)
     check_learning_rate(baseline_lr, "baseline learning rate")
-    check_int(batch_size, "batch_size")
+    check_batch_size(batch_size, "batch_size")
     check_int(workers, "workers", minimum=0)
     for count, label in ((limit, "limit"), (train_limit, "train_limit")):
         if count is not None:

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from norton.deploy.timing import LatencyStats, compare_callables, peak_memory_bytes
 from norton.errors import UserError
-from norton.limits import check_input_size, check_int
+from norton.limits import check_batch_size, check_input_size, check_repeats
 
 RUNTIMES = ("torch", "onnxruntime")
 
@@ -103,11 +103,10 @@ def compare_models(
     device = torch.device(device)
     if runtime == "onnxruntime" and device.type != "cpu":
         raise UserError("the onnxruntime runtime runs on CPU here; use --device cpu or --runtime torch")
-    check_int(warmup, "warmup", minimum=0)
-    check_int(repeats, "repeats", minimum=1)
+    check_repeats(warmup, "warmup", minimum=0)
+    check_repeats(repeats, "repeats")
     for batch in batch_sizes:
-        if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
-            raise UserError(f"batch sizes must be positive integers, got {batch!r}")
+        check_batch_size(batch)
         check_input_size((batch, *input_shape), "input shape")  # before any random batch is allocated
     results: dict[int, dict[str, ModelTiming]] = {}
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:

@@ -58,7 +58,7 @@ from norton.deploy.forms import (
     set_training_form,
 )
 from norton.errors import UserError
-from norton.limits import check_int
+from norton.limits import check_repeats
 from norton.plan import PlanOperation, append_record, record_original, register_operation
 
 MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
@@ -109,8 +109,8 @@ def optimize_for_inference(
         raise UserError(f"memory_format must be one of {', '.join(MEMORY_FORMATS)}, got {memory_format!r}")
     if not isinstance(model, nn.Module):
         raise UserError(f"expected an nn.Module, got {type(model).__name__}")
-    check_int(warmup, "warmup", minimum=0)
-    check_int(repeats, "repeats", minimum=1)
+    check_repeats(warmup, "warmup", minimum=0)
+    check_repeats(repeats, "repeats")
     device = torch.device(device) if device is not None else model_device(model)
     inputs = tuple(t.to(device) for t in as_tuple(example_inputs))
     model = copy.deepcopy(model).to(device).eval()  # the caller's model stays as it is
@@ -274,8 +274,8 @@ def optimize_for_training(
     dense conv's backward is the best-tuned kernel), else the first form given.
     """
     forms = _check_forms(forms, TRAINING_FORMS, "training")
-    check_int(warmup, "warmup", minimum=0)
-    check_int(repeats, "repeats", minimum=1)
+    check_repeats(warmup, "warmup", minimum=0)
+    check_repeats(repeats, "repeats")
     blocks = {name: m for name, m in model.named_modules() if is_plain_block(m)}
     if not blocks:
         return {}
