@@ -83,3 +83,24 @@ def test_format_round_trips(rates):
     spec = format_compress_rate(rates)
     assert parse_compress_rate(spec) == rates
     assert spec.count("+") == len({i for i in range(len(rates)) if i == 0 or rates[i] != rates[i - 1]}) - 1
+
+
+@pytest.mark.parametrize(
+    ("spec", "position"),
+    [
+        ("[0.1]*99999999999", 6),  # once a 800 GB list
+        ("[0.1]*" + "9" * 5000, 6),  # beyond Python's int-parsing limit
+        ("[0.1]*5000+[0.2]*5001", 17),  # the sum, not each term, is bounded
+        ("[0.1, 0.2]*5001", 11),
+    ],
+)
+def test_a_spec_longer_than_the_limit_is_refused_before_it_is_expanded(spec, position):
+    with pytest.raises(UserError, match=f"more than 10,000 rates at position {position}"):
+        parse_compress_rate(spec)
+
+
+def test_the_limit_itself_is_allowed():
+    assert parse_compress_rate("[0.1]*9999+[0.2]") == [0.1] * 9999 + [0.2]
+    assert parse_compress_rate("[0.5]*0000010") == [0.5] * 10  # leading zeros are not digits of size
+    with pytest.raises(UserError, match="at most 10,000"):
+        parse_compress_rate([0.1] * 10_001)

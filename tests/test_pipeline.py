@@ -71,6 +71,32 @@ def test_a_real_compression_records_its_stages_saves_them_and_resumes(tiny_loade
     assert again.stages[0]["macs"] == stages[0]["macs"]
 
 
+NO_EPOCHS = FineTune(epochs=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("order", ["decompose-prune", "prune-decompose"])
+def test_target_macs_is_a_fraction_of_the_original_in_either_order(tiny_loaders, order):
+    result = compress(
+        create_model("resnet_20"), tiny_loaders, input_size=(3, 32, 32), rank=3, target_macs=0.33, order=order,
+        decompose_finetune=NO_EPOCHS, prune_finetune=NO_EPOCHS, device="cpu", progress=False, log=lambda m: None,
+    )
+    baseline, final = result.stages[0], result.stages[-1]
+    assert final["macs"] / baseline["macs"] == pytest.approx(0.33, abs=0.02)
+
+
+@pytest.mark.slow
+def test_a_target_the_decomposition_already_meets_prunes_nothing(tiny_loaders):
+    lines = []
+    result = compress(
+        create_model("resnet_20"), tiny_loaders, input_size=(3, 32, 32), rank=2, target_macs=0.9,
+        decompose_finetune=NO_EPOCHS, prune_finetune=NO_EPOCHS, device="cpu", progress=False, log=lines.append,
+    )
+    decomposed, pruned = result.stages[1], result.stages[2]
+    assert pruned["macs"] == decomposed["macs"] and "nothing to prune" in "\n".join(lines)
+    assert [step["op"] for step in result.model.norton_plan] == ["decompose"]
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

@@ -1,4 +1,8 @@
 import json
+import math
+
+import pytest
+import torch
 
 from norton.report import format_table, write_report
 
@@ -25,3 +29,14 @@ def test_write_report_creates_json_text_and_png(tmp_path):
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "pruned" in paths["table"].read_text()
     assert not list(tmp_path.glob(".*tmp*"))  # no temporary files left behind
+
+
+def test_summary_json_is_strict_json_with_null_for_nan(tmp_path):
+    stages = [{"name": "baseline", "top1": 10.0, "macs": 100, "params": 10, "test_loss": math.nan},
+              {"name": "pruned", "top1": math.nan, "macs": 50, "params": 5, "test_loss": torch.tensor(math.inf)}]
+    paths = write_report(tmp_path, stages)
+    text = paths["json"].read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    summary = json.loads(text, parse_constant=lambda name: pytest.fail(f"non-JSON constant {name}"))
+    assert summary["stages"][0]["test_loss"] is None and summary["stages"][1]["top1"] is None
+    assert summary["stages"][1]["test_loss"] is None and summary["stages"][1]["macs"] == 50

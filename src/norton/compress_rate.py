@@ -145,4 +145,5 @@ class _Parser:
 
     def _fail(self, what: str) -> NoReturn:
         found = repr(self.text[self.pos]) if self.pos < len(self.text) else "the end"
-        raise UserError(f"invalid compress rate {self.text!r}: {what} at position {self.pos}, found {found}")
+        spec = self.text if len(self.text) <= 80 else self.text[:60] + "..." + self.text[-10:]
+        raise UserError(f"invalid compress rate {spec!r}: {what} at position {self.pos}, found {found}")

@@ -35,7 +35,9 @@ from norton.limits import (
 )
 from norton.serialization import load_checkpoint, model_from_state, save
 from norton.training.data import Loaders
-from norton.training.loop import check_recipe, evaluate, fit, resolve_device
+from norton.training.distributed import resolve_device
+from norton.training.loop import evaluate, fit
+from norton.training.recipes import check_recipe
 
 ORDERS = ("decompose-prune", "prune-decompose")
 

@@ -25,7 +25,7 @@ from norton.limits import MAX_RANK, check_int
 # for the commands that still call them through this module (new code imports them from the library).
 from norton.serialization import load_model_file as load_model_file
 from norton.training.data import DATASETS, DataSplits, build_datasets
-from norton.training.loop import RECIPES, recipe_for
+from norton.training.recipes import RECIPES, recipe_for
 from norton.workflow import check_model_fits as check_model_fits
 from norton.workflow import default_dataset as default_dataset
 
@@ -77,8 +77,8 @@ def add_training_options(parser: argparse.ArgumentParser, *, stage: str = "train
     """SGD recipe; ``None`` defaults are filled from the dataset's recipe (see :func:`training_recipe`)."""
     example = RECIPES[("cifar", stage)]
     group = parser.add_argument_group("training", f"defaults: the {stage} recipe of the dataset (docs/training.md)")
-    group.add_argument("--epochs", type=int, default=None, help=f"epochs (CIFAR default {example['epochs']})")
-    group.add_argument("--lr", type=float, default=None, help=f"peak learning rate (CIFAR default {example['lr']})")
+    group.add_argument("--epochs", type=int, default=None, help=f"epochs (CIFAR default {example.epochs})")
+    group.add_argument("--lr", type=float, default=None, help=f"peak learning rate (CIFAR default {example.lr})")
     group.add_argument("--momentum", type=float, default=None, help="SGD momentum")
     group.add_argument("--weight_decay", "--weight-decay", "--wd", dest="weight_decay", type=float, default=None,
                        help="weight decay")
@@ -110,18 +110,14 @@ def build_splits(args: argparse.Namespace, dataset: str) -> DataSplits:
 
 
 def training_recipe(args: argparse.Namespace, dataset: str, *, stage: str = "train") -> dict[str, Any]:
-    """``fit`` keyword arguments: the dataset's recipe, overridden by the options given.
+    """``fit`` keyword arguments: the dataset's recipe (:func:`norton.training.recipes.recipe_for`),
+    overridden by the options given, checked (a one-line ``UserError`` before any data is loaded).
 
     Unless ``--warmup_epochs`` is given, the warm-up lasts at most a tenth of the epochs.
     """
-    recipe = recipe_for(dataset, stage=stage)
-    for key in ("epochs", "lr", "momentum", "weight_decay", "warmup_epochs", "label_smoothing"):
-        if getattr(args, key, None) is not None:
-            recipe[key] = getattr(args, key)
-    if getattr(args, "warmup_epochs", None) is None:  # the recipe's warm-up, shortened for short runs
-        recipe["warmup_epochs"] = min(recipe["warmup_epochs"], recipe["epochs"] / 10)
-    recipe["amp"] = bool(getattr(args, "amp", False))
-    return recipe
+    keys = ("epochs", "lr", "momentum", "weight_decay", "warmup_epochs", "label_smoothing")
+    overrides = {key: getattr(args, key, None) for key in keys}
+    return recipe_for(dataset, stage=stage, amp=bool(getattr(args, "amp", False)), **overrides).to_dict()
 
 
 def plain_args(args: argparse.Namespace) -> dict[str, Any]:
