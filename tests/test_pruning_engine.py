@@ -289,14 +289,38 @@ def test_ratio_mapping_patterns_and_round_to():
     assert model.stem.out_channels == 16
 
 
-def test_iterative_steps_reach_the_same_widths():
-    one, many = TinyResNet(decomposed=True), None
-    many = copy.deepcopy(one)
-    prune(one, x8(), ratio=0.5, criterion=l1_order)
-    prune(many, x8(), ratio=0.5, criterion=l1_order, iterative_steps=3)
-    assert {k: v.shape for k, v in one.state_dict().items()} == {k: v.shape for k, v in many.state_dict().items()}
-    assert many.norton_plan[-1]["iterative_steps"] == 3
-    assert many(x8()).shape == (2, 5)
+def test_iterative_steps_rescore_the_survivors_between_steps():
+    """With 3 steps a criterion sees each layer at 8, 7 and 5 filters (one call each), not once at 8."""
+    seen: dict[str, list[int]] = {}
+
+    def recording_l1(layer: nn.Module) -> Tensor:
+        seen.setdefault(getattr(layer, "tag", "?"), []).append(layer.out_channels)
+        return l1_order(layer)
+
+    model = TinyResNet(decomposed=True)
+    model.b1_conv1.tag, model.b3_conv1.tag = "b1_conv1", "b3_conv1"  # the engine scores a deep copy
+    prune(model, x8(), ratio=0.5, criterion=recording_l1, iterative_steps=3)
+    assert seen["b1_conv1"] == [8, 7, 5] and seen["b3_conv1"] == [16, 13, 11]
+    assert model.b1_conv1.out_channels == 4 and model.b3_conv1.out_channels == 8
+    assert model.norton_plan[-1]["iterative_steps"] == 3 and model(x8()).shape == (2, 5)
+
+
+def test_iterative_and_one_shot_choose_different_filters_when_scores_depend_on_survivors():
+    """A criterion whose order depends on which filters are present (remove the one closest to the
+    mean of the others) picks other filters when re-run on the survivors."""
+
+    def closest_to_mean(layer: nn.Module) -> Tensor:
+        weight = (layer.dense_weight() if isinstance(layer, CPDBlock) else layer.weight).detach().flatten(1)
+        distance = (weight - weight.mean(0)).norm(dim=1)
+        return torch.sort(distance, stable=True).indices
+
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 4, 3))
+    with torch.no_grad():  # filter i is (i^3) * ones: the mean of the survivors moves as filters leave
+        model[0].weight.copy_(torch.arange(16.0).pow(3)[:, None, None, None].expand(16, 3, 3, 3))
+    one = plan_prune(model, x8(), ratio={"0": 0.75}, criterion=closest_to_mean)
+    many = plan_prune(model, x8(), ratio={"0": 0.75}, criterion=closest_to_mean, iterative_steps=4)
+    assert len(one["removed"]["0"]) == len(many["removed"]["0"]) == 12
+    assert one["removed"]["0"] != many["removed"]["0"]
 
 
 @pytest.mark.parametrize("target", [0.3, 0.5, 0.8])

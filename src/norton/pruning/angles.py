@@ -271,4 +271,7 @@ def pairwise_distance(factors: Sequence[Tensor], criterion: Measure = "pabs") ->
         for f in factors[1:]:
             filters = torch.einsum("n...r,nmr->n...mr", filters, f)  # outer product, rank kept apart
         return variance_based_distance(filters.sum(-1)).to(factors[0].dtype)
-    return sum(_pairwise_subspace(f, criterion) for f in factors)
+    total = _pairwise_subspace(factors[0], criterion)
+    for f in factors[1:]:  # head, body, tail: 1-3 factors
+        total = total + _pairwise_subspace(f, criterion)
+    return total

@@ -27,25 +27,29 @@ MACS_TOLERANCE = 0.02  # target_macs is met within this relative error
 
 
 # ------------------------------------------------------------------ round_to
+def _narrower_than_round_to(layer: str, channels: int, round_to: int) -> UserError:
+    return UserError(
+        f"round_to={round_to} is larger than layer {layer!r}, which has {channels} channels: use a round_to "
+        f"of at most {channels}, or leave that layer out (ignored_layers or a ratio mapping)"
+    )
+
+
 def check_round_to_widths(groups: Sequence[Group], round_to: int | None) -> None:
-    """``UserError`` naming the first group that would be pruned but is narrower than ``round_to``.
+    """``UserError`` naming the first prunable group narrower than ``round_to``.
 
     Such a group could only keep all its channels (a multiple of ``round_to`` below its
     width is 0), so the prune would silently leave it whole.
     """
-    if not round_to:
-        return
     for group in groups:
-        if group.keep is not None and group.keep < group.channels and group.channels < round_to:
-            raise UserError(
-                f"round_to={round_to} is larger than layer {group.layers[0]!r}, which has {group.channels} channels: "
-                f"use a round_to of at most {group.channels}, or leave that layer out (ignored_layers or a ratio "
-                "mapping)"
-            )
+        if round_to and not group.protected and group.channels < round_to:
+            raise _narrower_than_round_to(group.layers[0], group.channels, round_to)
 
 
 # ------------------------------------------------------------ ratio and compress_rate
-def kept_width(channels: int, ratio: float, round_to: int | None) -> int:
+def kept_width(channels: int, ratio: float, round_to: int | None, layer: str = "?") -> int:
+    """Channels a layer of ``channels`` keeps when ``ratio`` of them go, as a multiple of ``round_to``."""
+    if round_to and ratio > 0 and channels < round_to:
+        raise _narrower_than_round_to(layer, channels, round_to)
     keep = int(channels * (1.0 - ratio))  # the reference's truncation
     if round_to:
         keep = round_to * round(keep / round_to)
@@ -57,7 +61,10 @@ def keep_from_ratio(
 ) -> None:
     if not isinstance(ratio, Mapping):
         for group in groups:
-            group.keep = group.channels if group.protected else kept_width(group.channels, float(ratio), round_to)
+            group.keep = (
+                group.channels if group.protected
+                else kept_width(group.channels, float(ratio), round_to, group.layers[0])
+            )
         return
     by_layer = {layer: group for group in groups for layer in group.layers}
     wanted: dict[int, tuple[str, float]] = {}
@@ -80,19 +87,24 @@ def keep_from_ratio(
             wanted[id(group)] = (name, float(value))
     for group in groups:
         value = wanted.get(id(group), (None, 0.0))[1]
-        group.keep = kept_width(group.channels, value, round_to) if value > 0 else group.channels
+        group.keep = kept_width(group.channels, value, round_to, group.layers[0]) if value > 0 else group.channels
 
 
 def keep_from_compress_rate(groups: list[Group], model: nn.Module, compress_rate: Any) -> None:
     """Each group keeps the width its layers have in the zoo's compressed model of the same name."""
     target = _zoo_model(model, compress_rate)
-    widths = {name: _out_width(m) for name, m in target.named_modules() if _out_width(m) is not None}
+    widths: dict[str, int] = {}
+    for name, module in target.named_modules():
+        width = _out_width(module)
+        if width is not None:
+            widths[name] = width
+    zoo_name = getattr(model, "norton_architecture", {}).get("name")
     for group in groups:
-        wanted = {}
+        wanted: dict[str, int] = {}
         for name in group.layers:
             if name not in widths:
                 raise UserError(
-                    f"the compressed {model.norton_architecture['name']} has no layer {name!r}; "
+                    f"the compressed {zoo_name} has no layer {name!r}; "
                     "compress_rate reproduces zoo architectures, so prune the model create_model built"
                 )
             wanted[name] = widths[name]

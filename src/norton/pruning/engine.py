@@ -163,9 +163,9 @@ def plan_prune(
     elif "compress_rate" in amount:
         keep_from_compress_rate(groups, model, amount["compress_rate"])
     else:
+        check_round_to_widths(groups, round_to)  # before the MACs count
         macs = MacModel(work, example_inputs, groups)
         keep_from_target_macs(groups, macs, amount["target_macs"], round_to, model=model, example_inputs=example_inputs)
-    check_round_to_widths(groups, round_to)
     _check_removes_something(groups, amount)
 
     log = RemovalLog()
@@ -256,7 +256,7 @@ def _prune_group(
     names: Mapping[nn.Module, str], log: RemovalLog,
 ) -> None:
     """Remove this step's share of ``group``'s channels: the lowest combined scores go first."""
-    to_remove = group.channels - group.keep
+    to_remove = group.channels - (group.channels if group.keep is None else group.keep)
     if to_remove <= 0:
         return
     keep_now = group.channels - round(to_remove * step / steps)

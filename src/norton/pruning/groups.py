@@ -226,7 +226,7 @@ def _probe_inputs(example_inputs: ExampleInputs) -> list[ExampleInputs]:
             return value
         return torch.randn(value.shape, generator=generator, dtype=value.dtype).to(value.device)
 
-    probes = []
+    probes: list[ExampleInputs] = []
     for change in (negated, drawn):
         if isinstance(example_inputs, Mapping):
             probes.append({key: change(value) for key, value in example_inputs.items()})

@@ -9,6 +9,7 @@ replaying a record (:mod:`norton.pruning.plan`) and the engine both go through t
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, cast
 
 import torch
 import torch_pruning as tp
@@ -53,7 +54,8 @@ class CPDBlockPruner(tp.pruner.function.BasePruningFunc):
         keep = kept_indices(n, idxs)  # (N',)
         # (R, 1) * N + (1, N') -> (R, N') -> (R*N',): rank-major, filter order kept
         inner = (torch.arange(r)[:, None] * n + keep[None, :]).flatten()
-        pointwise, vertical, horizontal = layer.feature.pointwise, layer.feature.vertical, layer.feature.horizontal
+        feature = cast(Any, layer.feature)  # an nn.Sequential with named convs
+        pointwise, vertical, horizontal = feature.pointwise, feature.vertical, feature.horizontal
         pointwise.weight = _select(pointwise.weight, inner, 0)
         pointwise.out_channels = inner.numel()
         for depthwise in (vertical, horizontal):
@@ -69,7 +71,7 @@ class CPDBlockPruner(tp.pruner.function.BasePruningFunc):
 
     def prune_in_channels(self, layer: CPDBlock, idxs: Sequence[int]) -> CPDBlock:
         keep = kept_indices(layer.in_channels, idxs)
-        pointwise = layer.feature.pointwise
+        pointwise = cast(Any, layer.feature).pointwise
         pointwise.weight = _select(pointwise.weight, keep, 1)
         pointwise.in_channels = layer.in_channels = keep.numel()
         return layer
@@ -94,23 +96,24 @@ class ChannelMapPruner(tp.pruner.function.BasePruningFunc):
     (or two stages) have different widths, as the paper's configurations need.
     """
 
-    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+    # ``layer: Any``: the protocol's attributes are duck-typed, not declared by nn.Module.
+    def prune_out_channels(self, layer: Any, idxs: Sequence[int]) -> nn.Module:
         keep = kept_indices(layer.out_channels, idxs)
         layer.set_channel_sources(layer.channel_sources.cpu()[keep], layer.in_channels)
         return layer
 
-    def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+    def prune_in_channels(self, layer: Any, idxs: Sequence[int]) -> nn.Module:
         keep = kept_indices(layer.in_channels, idxs)
         renumber = torch.full((layer.in_channels + 1,), -1, dtype=torch.long)  # slot -1 (last) stays -1
         renumber[keep] = torch.arange(keep.numel())
         layer.set_channel_sources(renumber[layer.channel_sources.cpu()], keep.numel())
         return layer
 
-    def get_out_channels(self, layer: nn.Module) -> int:
-        return layer.out_channels
+    def get_out_channels(self, layer: Any) -> int:
+        return int(layer.out_channels)
 
-    def get_in_channels(self, layer: nn.Module) -> int:
-        return layer.in_channels
+    def get_in_channels(self, layer: Any) -> int:
+        return int(layer.in_channels)
 
 
 CPD_BLOCK_PRUNER = CPDBlockPruner()
