@@ -20,14 +20,9 @@ import time
 import torch
 from torchvision.transforms import v2
 
-from norton.training.data import (
-    _STATS,
-    TensorImageDataset,
-    build_datasets,
-    build_loaders,
-    build_transforms,
-    synthetic_images,
-)
+from norton.training.datasets import TensorImageDataset, build_datasets, synthetic_images
+from norton.training.loaders import build_loaders
+from norton.training.transforms import STATS, build_transforms
 
 
 def median_seconds(fn, *, repeats: int, warmup: int = 1) -> tuple[float, float]:
@@ -54,7 +49,7 @@ def main() -> None:
     torch.manual_seed(0)
 
     images, _ = synthetic_images(args.images, seed=0)  # (N, 3, 32, 32) uint8
-    mean, std = _STATS["cifar10"]
+    mean, std = STATS["cifar10"]
     sides = {
         "norton tensor transforms": build_transforms("cifar10", train=True),
         "torchvision v2 transforms": v2.Compose([

@@ -1,13 +1,17 @@
 """``norton train`` and ``norton evaluate`` through ``norton.cli.main.main``: exit codes and output."""
 from __future__ import annotations
 
+import copy
 import json
+import math
 import re
 
 import pytest
 import torch
 
-from norton.cli.main import main
+import norton.training.readers as readers
+from _training_files import FASHION_STEMS, make_fashion
+from norton.cli.main import build_parser, main
 from norton.models import create_model
 
 # A torchvision classifier that is cheap at 32x32: seconds per run on a CPU.
@@ -75,8 +79,8 @@ def test_rerun_needs_resume_and_the_same_recipe(tmp_path, capsys):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--lr", "-1"], "learning rate must be a positive number"),
-        (["--epochs", "0"], "epochs must be a whole number"),
+        (["--lr", "-1"], "learning rate must be positive"),
+        (["--epochs", "0"], "epochs must be in [1, 100,000], got 0"),
         (["--dataset", "cifar10", "--data_dir", "{tmp}/nothing"], "CIFAR-10 not found in"),
         (["--limit", "0"], "limit must be a positive number"),
         (["--arch", "resnet_9000"], "unknown model 'resnet_9000'"),
@@ -141,3 +145,126 @@ def test_debug_flag_shows_the_exception_instead_of_one_line(tmp_path):
 
     with pytest.raises(UserError, match="not found"):
         main(["--debug", "evaluate", "--ckpt", str(tmp_path / "missing.pt")])
+
+
+def strict_json(text: str):
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_a_diverging_run_exits_non_zero_with_one_line_and_valid_json(tmp_path, capsys):
+    # lr 1e6: the training loss stays finite (~1e12) but the validation loss is NaN.
+    assert main(["train", *FAST, "--epochs", "2", "--lr", "1e6", "--output", str(tmp_path / "run"), "--json"]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("norton train: error: training diverged in epoch 1: ")
+    assert err[0].endswith("lower --lr (it is 1e+06)") and captured.out == ""
+    [line] = [strict_json(text) for text in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert line["kind"] == "diverged" and line["val_loss"] is None and not (tmp_path / "run" / "result.json").exists()
+
+
+def test_a_good_run_writes_strict_json(tmp_path, capsys):
+    assert train(tmp_path, "--json") == 0
+    run = tmp_path / "run"
+    summary = strict_json(capsys.readouterr().out)
+    assert strict_json((run / "result.json").read_text())["best_epoch"] == summary["best_epoch"] == 1
+    assert [strict_json(line)["kind"] for line in (run / "metrics.jsonl").read_text().splitlines()] == ["epoch", "test"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [(["--lr", "nan"], "learning rate must be a finite number, got nan"),
+     (["--lr", "inf"], "learning rate must be a finite number, got inf"),
+     (["--epochs", "0"], "epochs must be in [1, 100,000], got 0"),
+     (["--momentum", "1"], "momentum must lie in [0, 1)"),
+     (["--warmup_epochs", "-1"], "warmup epochs must be >= 0"),
+     (["--batch_size", "0"], "batch_size must be at least 1"),
+     (["--workers", "-1"], "workers must be 0 or more"),
+     (["--limit", "0"], "limit must be a positive number"),
+     (["--val_size", "-2"], "val_size must be 0 or a positive number")],
+)
+@pytest.mark.parametrize("model", [["--arch", "resnet_20"], ["--ckpt", "{tmp}/missing.pt"]])
+def test_bad_options_are_refused_before_any_file_or_data_is_read(tmp_path, capsys, argv, message, model):
+    # The data folder and the model file do not exist: the option's own error must come first.
+    model = [a.replace("{tmp}", str(tmp_path)) for a in model]
+    command = ["train", *model, "--dataset", "cifar10", "--data_dir", str(tmp_path / "no-data"),
+               "--output", str(tmp_path / "run"), "--device", "cpu", *argv]
+    assert main(command) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture
+def system_fashion(tmp_path, monkeypatch):
+    """A stand-in for Debian's Fashion-MNIST with 40 training images, so using it would be visible."""
+    folder = make_fashion(tmp_path / "system", n_train=40, n_test=10)
+    monkeypatch.setattr(readers, "DEBIAN_FASHION_MNIST", folder)
+    monkeypatch.setattr(readers, "DEFAULT_DATA_DIR", tmp_path / "no-home-data")
+    return folder
+
+
+def fashion_train(tmp_path, data_dir) -> int:
+    extra = [] if data_dir is None else ["--data_dir", str(data_dir)]
+    return main(["train", "--arch", "resnet_20", "--dataset", "fashion-mnist", *extra, "--val_size", "2",
+                 "--batch_size", "8", "--workers", "0", "--device", "cpu", "--epochs", "1", "--lr", "0.05",
+                 "--output", str(tmp_path / "run"), "--json", "--no-progress"])
+
+
+@pytest.mark.parametrize("state", ["missing", "empty", "incomplete"])
+def test_fashion_mnist_data_dir_is_used_or_refused_never_replaced(tmp_path, capsys, system_fashion, state):
+    data_dir = tmp_path / "mine"
+    if state == "empty":
+        data_dir.mkdir()
+    if state == "incomplete":
+        make_fashion(data_dir)
+        (data_dir / f"{FASHION_STEMS[3]}.gz").unlink()
+    assert fashion_train(tmp_path, data_dir) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    expected = {"missing": "mine does not exist", "empty": "mine holds no Fashion-MNIST idx files",
+                "incomplete": f"is incomplete: {FASHION_STEMS[3]}[.gz] is missing"}[state]
+    assert len(err) == 1 and expected in err[0], err
+    assert not (tmp_path / "run").exists()
+
+
+def test_fashion_mnist_data_dir_given_or_not(tmp_path, capsys, system_fashion):
+    make_fashion(tmp_path / "mine", n_train=12, n_test=5)
+    assert fashion_train(tmp_path / "a", tmp_path / "mine") == 0
+    assert json.loads(capsys.readouterr().out)["history"][0]["train_samples"] == 10  # 12 - 2 held out
+    assert fashion_train(tmp_path / "b", None) == 0  # no --data_dir: the system copy
+    assert json.loads(capsys.readouterr().out)["history"][0]["train_samples"] == 38
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate"])
+def test_commands_leave_the_parsed_options_unchanged(tmp_path, capsys, command):
+    assert train(tmp_path) == 0
+    capsys.readouterr()
+    argv = {"train": ["train", *FAST, "--epochs", "1", "--lr", "0.05", "--output", str(tmp_path / "two")],
+            "evaluate": ["evaluate", "--ckpt", str(tmp_path / "run" / "best.pt"), "--limit", "8", "--workers", "0",
+                         "--device", "cpu"]}[command]
+    args = build_parser().parse_args(argv)
+    before = copy.deepcopy({k: v for k, v in vars(args).items() if k != "func"})
+    assert args.func(args) == 0
+    assert {k: v for k, v in vars(args).items() if k != "func"} == before
+    if command == "evaluate":
+        assert args.seed is None  # still "not given", not the checkpoint's seed
+
+
+def test_evaluate_refuses_bad_options_before_reading_the_checkpoint(tmp_path, capsys):
+    assert main(["evaluate", "--ckpt", str(tmp_path / "missing.pt"), "--batch_size", "0"]) == 2
+    assert "batch_size must be at least 1" in last_error(capsys)
+
+
+def test_evaluate_json_is_strict_even_for_a_nan_model(tmp_path, capsys):
+    assert train(tmp_path) == 0
+    capsys.readouterr()
+    best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    state = best["model"]["state_dict"]
+    key = next(k for k, v in state.items() if v.is_floating_point() and k.endswith("weight"))
+    state[key] = torch.full_like(state[key], math.nan)
+    torch.save(best, tmp_path / "nan.pt")
+    assert main(["evaluate", "--ckpt", str(tmp_path / "nan.pt"), "--limit", "8", "--workers", "0",
+                 "--device", "cpu", "--json"]) == 0
+    assert strict_json(capsys.readouterr().out)["loss"] is None

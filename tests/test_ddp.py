@@ -11,8 +11,10 @@ import textwrap
 import pytest
 import torch
 
-from norton.training.data import build_datasets, build_loaders
-from norton.training.loop import evaluate, load_checkpoint
+from norton.training.checkpoint import load_checkpoint
+from norton.training.datasets import build_datasets
+from norton.training.loaders import build_loaders
+from norton.training.loop import evaluate
 
 VAL_SIZE = 51  # odd: two shards of 26 and 25, where a padding sampler would count one image twice
 
@@ -21,8 +23,10 @@ SCRIPT = textwrap.dedent(
     import json, sys
     import torch
     from torch import nn
-    from norton.training.data import build_datasets, build_loaders
-    from norton.training.loop import cleanup_distributed, fit, init_distributed
+    from norton.training.datasets import build_datasets
+    from norton.training.distributed import cleanup_distributed, init_distributed
+    from norton.training.loaders import build_loaders
+    from norton.training.loop import fit
 
 
     def tiny_cnn():

@@ -11,8 +11,13 @@ from typing import Any
 
 from norton.cli import _options as options
 from norton.errors import UserError
-from norton.training.data import build_loaders
-from norton.training.loop import evaluate, resolve_device
+from norton.serialization import load_model_file
+from norton.training.datasets import build_datasets, check_split_options
+from norton.training.distributed import resolve_device
+from norton.training.jsonfiles import dumps
+from norton.training.loaders import build_loaders, check_loader_options
+from norton.training.loop import evaluate
+from norton.workflow import check_model_fits, default_dataset
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -32,20 +37,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run, seed=None)  # None: the training checkpoint's seed (its validation images)
 
 
+def _given_or(value: Any, trained_with: dict[str, Any], key: str, fallback: Any = None) -> Any:
+    """An option's value, or (not given) what the model was trained with."""
+    return value if value is not None else trained_with.get(key, fallback)
+
+
 def run(args: argparse.Namespace) -> int:
-    model, trained_with = options.load_model_file(args.ckpt, arch=args.arch, rank=args.rank,
-                                                  compress_rate=args.compress_rate)
-    # Options not given default to the checkpoint's training run: the same data, the same validation images.
-    for key, fallback in (("dataset", None), ("data_dir", None), ("val_size", None), ("seed", 0)):
-        if getattr(args, key) is None:
-            setattr(args, key, trained_with.get(key, fallback))
-    arch = args.arch or (getattr(model, "norton_architecture", None) or {}).get("name")
-    dataset = args.dataset or options.default_dataset(arch)
-    splits = options.build_splits(args, dataset)
+    check_split_options(limit=args.limit, val_size=args.val_size)
+    check_loader_options(batch_size=args.batch_size, workers=args.workers)
     device = resolve_device(args.device)
+    model, trained_with = load_model_file(args.ckpt, arch=args.arch, rank=args.rank, compress_rate=args.compress_rate)
+    # Options not given default to the checkpoint's training run: the same data, the same validation images.
+    arch = args.arch or (getattr(model, "norton_architecture", None) or {}).get("name")
+    dataset = _given_or(args.dataset, trained_with, "dataset") or default_dataset(arch)
+    seed = _given_or(args.seed, trained_with, "seed", 0)
+    splits = build_datasets(dataset, _given_or(args.data_dir, trained_with, "data_dir"), limit=args.limit,
+                            val_size=_given_or(args.val_size, trained_with, "val_size"), seed=seed,
+                            download=args.download)
     model.to(device)
-    options.check_model_fits(model, splits)
-    loaders = build_loaders(splits, batch_size=args.batch_size, workers=args.workers, seed=args.seed,
+    check_model_fits(model, splits)
+    loaders = build_loaders(splits, batch_size=args.batch_size, workers=args.workers, seed=seed,
                             pin_memory=device.type == "cuda")
     loader = loaders.test if args.split == "test" else loaders.val
     if loader is None:
@@ -54,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     report: dict[str, Any] = {"ckpt": str(args.ckpt), "arch": arch, "dataset": dataset, "split": args.split,
                               **metrics}
     if args.json:
-        options.print_json(report)
+        print(dumps(report, indent=2, default=str))
     else:
         print(f"{arch or 'model'} on {dataset} {args.split} ({metrics['samples']} images):")
         print(f" * Acc@1 {metrics['top1']:.3f} Acc@5 {metrics['top5']:.3f}")

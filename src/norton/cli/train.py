@@ -11,20 +11,22 @@ Several GPUs (one process each)::
 from __future__ import annotations
 
 import argparse
+from typing import Any
+
+from torch import nn
 
 from norton.cli import _options as options
 from norton.errors import UserError
 from norton.models import create_model
-from norton.training.data import build_loaders
-from norton.training.loop import (
-    DistributedContext,
-    check_output_dir,
-    check_recipe,
-    cleanup_distributed,
-    fit,
-    init_distributed,
-    seed_everything,
-)
+from norton.serialization import load_model_file
+from norton.training.checkpoint import check_output_dir
+from norton.training.datasets import build_datasets, check_split_options
+from norton.training.distributed import DistributedContext, cleanup_distributed, init_distributed, seed_everything
+from norton.training.jsonfiles import dumps
+from norton.training.loaders import build_loaders, check_loader_options
+from norton.training.loop import fit
+from norton.training.recipes import TrainingRecipe, recipe_for
+from norton.workflow import check_model_fits, default_dataset
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -33,7 +35,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="train a model (baseline), or fine-tune a model file",
         description="Train --arch (with -r/-cpr) from scratch, or fine-tune the model in --ckpt, on --dataset. "
         "Picks the best epoch on a validation split held out from the training set, then reports the "
-        "test accuracy of that epoch. Writes metrics.jsonl, last.pt, best.pt and result.json to --output.",
+        "test accuracy of that epoch. Writes metrics.jsonl, last.pt, best.pt and result.json to --output. "
+        "A run whose loss turns NaN or infinite stops with an error (lower --lr).",
     )
     options.add_model_options(parser)
     options.add_ckpt_option(parser, help="fine-tune this model file instead of training a fresh --arch: a norton "
@@ -46,48 +49,60 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+def _recipe(args: argparse.Namespace, dataset: str, stage: str) -> TrainingRecipe:
+    """The dataset's recipe for ``stage`` with the options given (``None``: not given)."""
+    return recipe_for(dataset, stage=stage, epochs=args.epochs, lr=args.lr, momentum=args.momentum,
+                      weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
+                      label_smoothing=args.label_smoothing, amp=args.amp)
+
+
 def run(args: argparse.Namespace) -> int:
     if args.arch is None and args.ckpt is None:
         raise UserError("give --arch (a model to train from scratch) or --ckpt (a model file to fine-tune)")
+    stage = "finetune" if args.ckpt is not None else "train"
+    # Typos (--lr nan, --epochs 0, --batch_size 0, ...) fail here, before any file or data is read;
+    # the dataset's own recipe is checked again once the dataset is known.
+    _recipe(args, args.dataset or "cifar10", stage)
+    check_split_options(limit=args.limit, val_size=args.val_size)
+    check_loader_options(batch_size=args.batch_size, workers=args.workers)
     context = init_distributed(args.device)
     try:
-        return _train(args, context)
+        return _train(args, context, stage)
     finally:
         cleanup_distributed()
 
 
-def _train(args: argparse.Namespace, context: DistributedContext) -> int:
+def _train(args: argparse.Namespace, context: DistributedContext, stage: str) -> int:
     seed_everything(args.seed)  # the same initial weights on every rank
-    trained_with: dict = {}
+    model: nn.Module | None = None
+    trained_with: dict[str, Any] = {}
+    arch = args.arch
     if args.ckpt is not None:
-        model, trained_with = options.load_model_file(args.ckpt, arch=args.arch, rank=args.rank,
-                                                      compress_rate=args.compress_rate)
+        model, trained_with = load_model_file(args.ckpt, arch=args.arch, rank=args.rank,
+                                              compress_rate=args.compress_rate)
         arch = (getattr(model, "norton_architecture", None) or {}).get("name")
-        stage = "finetune"
-    else:
-        model, arch, stage = None, args.arch, "train"
-    dataset = args.dataset or trained_with.get("dataset") or options.default_dataset(arch)
+    dataset = args.dataset or trained_with.get("dataset") or default_dataset(arch)
     arch = arch or "model"
-    recipe = options.training_recipe(args, dataset, stage=stage)
+    recipe = _recipe(args, dataset, stage)
     output = args.output or f"runs/{arch}-{dataset}"
-    check_recipe(**recipe)  # mistakes surface before minutes of data loading
-    check_output_dir(output, resume=args.resume)
-    splits = options.build_splits(args, dataset)
+    check_output_dir(output, resume=args.resume)  # before minutes of data loading
+    splits = build_datasets(dataset, args.data_dir, limit=args.limit, val_size=args.val_size, seed=args.seed,
+                            download=args.download)
     if model is None:
         model = create_model(args.arch, compress_rate=args.compress_rate, rank=args.rank,
                              num_classes=splits.num_classes, in_channels=splits.in_channels)
-    options.check_model_fits(model, splits)
+    check_model_fits(model, splits)
     loaders = build_loaders(splits, batch_size=args.batch_size, workers=args.workers, seed=args.seed,
                             pin_memory=context.device.type == "cuda")
     record = {**options.plain_args(args), "dataset": dataset, "arch": arch, "stage": stage}
-    result = fit(model, loaders, **recipe, device=context.device, output_dir=output, resume=args.resume,
+    result = fit(model, loaders, recipe, device=context.device, output_dir=output, resume=args.resume,
                  seed=args.seed, progress=args.progress, args=record)
     if not context.is_main:
         return 0
-    summary = {"arch": arch, "dataset": dataset, "stage": stage, "recipe": recipe,
+    summary = {"arch": arch, "dataset": dataset, "stage": stage, "recipe": recipe.to_dict(),
                "best_checkpoint": f"{output}/best.pt", **result.to_dict()}
     if args.json:
-        options.print_json(summary)
+        print(dumps(summary, indent=2, default=str))
         return 0
     best = "" if result.best_val_top1 is None else f", validation Acc@1 {result.best_val_top1:.3f}"
     print(f"{arch} on {dataset}: {result.epochs} epochs in {result.seconds:.0f}s; best epoch {result.best_epoch}{best}")

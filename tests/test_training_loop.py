@@ -1,4 +1,4 @@
-"""Tests for norton.training.loop: metrics on known answers, the schedule, fit, checkpoints and resume."""
+"""Tests for norton.training.loop: metrics on known answers, fit, its files, resume and divergence."""
 from __future__ import annotations
 
 import json
@@ -10,18 +10,11 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from norton.errors import UserError
-from norton.training.data import build_datasets, build_loaders
-from norton.training.loop import (
-    CHECKPOINT_FORMAT,
-    WarmupCosine,
-    build_optimizer,
-    build_scheduler,
-    evaluate,
-    fit,
-    load_checkpoint,
-    model_from_checkpoint,
-    train_one_epoch,
-)
+from norton.training.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, model_from_checkpoint
+from norton.training.datasets import build_datasets
+from norton.training.loaders import build_loaders
+from norton.training.loop import evaluate, fit, train_one_epoch
+from norton.training.recipes import TrainingRecipe, build_optimizer
 
 
 def tiny_cnn(seed: int = 0) -> nn.Module:
@@ -64,25 +57,6 @@ def test_evaluate_with_fewer_than_five_classes_uses_all_of_them():
     loader = DataLoader(TensorDataset(torch.arange(2), torch.tensor([0, 1])), batch_size=2)
     metrics = evaluate(ScoreTable(torch.tensor([[1.0, 0.0], [1.0, 0.0]])), loader, device="cpu")
     assert (metrics["top1"], metrics["top5"]) == (50.0, 100.0)
-
-
-def test_warmup_cosine_factor():
-    factor = WarmupCosine(total_steps=110, warmup_steps=10, start_factor=0.01)
-    assert factor(0) == pytest.approx(0.01) and factor(5) == pytest.approx(0.505)
-    assert factor(10) == pytest.approx(1.0) and factor(60) == pytest.approx(0.5) and factor(110) == pytest.approx(0.0)
-    after = [factor(t) for t in range(10, 111)]
-    assert all(a >= b for a, b in zip(after, after[1:]))
-    assert WarmupCosine(total_steps=4)(0) == 1.0  # no warm-up: start at the full rate
-
-
-def test_scheduler_steps_per_iteration(loaders):
-    model = tiny_cnn()
-    optimizer = build_optimizer(model, lr=0.2)
-    scheduler = build_scheduler(optimizer, epochs=2, steps_per_epoch=len(loaders.train), warmup_epochs=1)
-    metrics = train_one_epoch(model, loaders.train, optimizer, scheduler, device="cpu", progress=False)
-    assert scheduler.last_epoch == len(loaders.train) == 3
-    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.2)  # warm-up over, cosine at its start
-    assert metrics["samples"] == 96 and metrics["lr"] == pytest.approx(0.2 * (0.01 + 0.99 * 2 / 3))
 
 
 def test_train_one_epoch_lowers_the_loss(loaders):
@@ -180,9 +154,68 @@ def test_fit_rejects_bad_hyperparameters(loaders, bad, message):
         fit(tiny_cnn(), loaders, **settings)
 
 
-def test_diverging_training_is_a_user_error(loaders):
-    with pytest.raises(UserError, match="diverged"):
-        fit(tiny_cnn(), loaders, epochs=1, lr=1e30, verbose=False)
+def strict_json_lines(path) -> list[dict]:
+    """The lines of a .jsonl file, refusing NaN and Infinity (not JSON)."""
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    return [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]
+
+
+def test_a_diverging_run_stops_with_one_line_and_valid_json(loaders, tmp_path):
+    with pytest.raises(UserError, match=r"^training diverged in epoch 1: the training loss is nan; lower --lr "
+                                        r"\(it is 1e\+30\)$"):
+        fit(tiny_cnn(), loaders, epochs=2, lr=1e30, output_dir=tmp_path, verbose=False)
+    [line] = strict_json_lines(tmp_path / "metrics.jsonl")
+    assert line["kind"] == "diverged" and line["epoch"] == 1 and line["train_loss"] is None
+    assert not (tmp_path / "last.pt").exists() and not (tmp_path / "result.json").exists()
+
+
+class NanAfterOneEpoch(nn.Module):
+    """Trains like ``tiny_cnn``, but once an epoch has completed it scores NaN in eval mode:
+    from epoch 2 on, a finite training loss and a NaN validation loss.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = tiny_cnn()
+        self.epochs_done = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores = self.net(x)
+        return scores if self.training or self.epochs_done == 0 else scores * math.nan
+
+
+def test_a_nan_validation_loss_stops_the_run_after_the_last_good_checkpoint(loaders, tmp_path):
+    model = NanAfterOneEpoch()
+
+    def count(record: dict) -> None:
+        model.epochs_done = record["epoch"]
+
+    with pytest.raises(UserError, match=r"training diverged in epoch 2: the validation loss is nan; lower --lr "
+                                        r"\(it is 0.05\) and start a new --output"):
+        fit(model, loaders, epochs=3, lr=0.05, output_dir=tmp_path, verbose=False, callbacks=[count])
+    lines = strict_json_lines(tmp_path / "metrics.jsonl")
+    assert [(line["kind"], line["epoch"]) for line in lines] == [("epoch", 1), ("diverged", 2)]
+    assert lines[1]["val_loss"] is None and math.isfinite(lines[1]["train_loss"])
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 1
+
+
+def test_without_validation_non_finite_weights_stop_the_run():
+    loaders = build_loaders(build_datasets("synthetic", limit=32, val_size=0), batch_size=16)
+    model = tiny_cnn()
+    model.register_parameter("unused", nn.Parameter(torch.full((2,), math.inf)))
+    with pytest.raises(UserError, match="training diverged in epoch 1: parameter unused holds non-finite values"):
+        fit(model, loaders, epochs=1, lr=0.05, verbose=False)
+
+
+def test_fit_takes_a_recipe_and_keyword_overrides(loaders, tmp_path):
+    recipe = TrainingRecipe(epochs=5, lr=0.5, warmup_epochs=1)
+    fit(tiny_cnn(), loaders, recipe, epochs=1, lr=0.05, warmup_epochs=0, output_dir=tmp_path, verbose=False)
+    saved = load_checkpoint(tmp_path / "last.pt")["recipe"]
+    assert (saved["epochs"], saved["lr"], saved["warmup_epochs"], saved["momentum"]) == (1, 0.05, 0, 0.9)
+    with pytest.raises(UserError, match="fit needs a recipe, or epochs= and lr="):
+        fit(tiny_cnn(), loaders, epochs=1)
 
 
 def test_without_validation_the_last_epoch_is_best(tmp_path):
@@ -190,17 +223,6 @@ def test_without_validation_the_last_epoch_is_best(tmp_path):
     result = fit(tiny_cnn(), loaders, epochs=2, lr=0.05, verbose=False)
     assert result.best_epoch == 2 and result.best_val_top1 is None
     assert all(record["val_top1"] is None for record in result.history)
-
-
-def test_checkpoint_errors(tmp_path):
-    with pytest.raises(UserError, match="not found"):
-        load_checkpoint(tmp_path / "missing.pt")
-    (tmp_path / "garbage.pt").write_bytes(b"garbage")
-    with pytest.raises(UserError, match="cannot read checkpoint"):
-        load_checkpoint(tmp_path / "garbage.pt")
-    torch.save({"state_dict": {}}, tmp_path / "other.pt")
-    with pytest.raises(UserError, match="not a norton training checkpoint"):
-        load_checkpoint(tmp_path / "other.pt")
 
 
 def test_plain_module_checkpoint_cannot_be_rebuilt(loaders, tmp_path):
