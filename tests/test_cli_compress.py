@@ -120,6 +120,7 @@ def model_file(tmp_path):
         (["--criterion", "nope", "--ratio", "0.2"], "nope"),
         (["-r", "-2"], "-r/--rank must be in [0, 65,536], got -2"),
         (["-r", "1000000"], "-r/--rank must be in [0, 65,536], got 1,000,000"),
+        (["-r", "10"], "rank for layer 'conv1' 10 is above 9"),  # C_in x k of the 3-channel stem
         (["-r", "2", "-cpr", "[0.1]*99999999999"], "more than 10,000 rates"),
         (["--decompose-epochs", "-1", "-r", "2"], "decompose fine-tuning epochs"),
         (["--finetune-lr", "nan", "-r", "2"], "decompose fine-tuning learning rate must be a finite number, got nan"),

@@ -125,6 +125,7 @@ def run_compression(
     Returns the summary written to ``summary.json`` (its ``stages`` are the records of
     :func:`~norton.pipeline.compress`), with ``files``: the report's paths.
     """
+    from norton.models import create_model
     from norton.report import write_report
     from norton.serialization import load_model_file, save
     from norton.training.checkpoint import check_output_dir
@@ -165,17 +166,19 @@ def run_compression(
     if model_file is not None:
         model, trained_with = load_model_file(model_file)
         check_rank_fits(model, rank)  # before the data is loaded
+    else:
+        assert arch is not None  # checked above: no model file means an architecture
+        with torch.device("meta"):  # shapes only, no memory: the rank check before the data is loaded
+            check_rank_fits(create_model(arch), rank)
     name = arch or (getattr(model, "norton_architecture", None) or {}).get("name")
     if splits is None:
         dataset = dataset or trained_with.get("dataset") or default_dataset(name)
         splits = build_datasets(dataset, data_dir, limit=limit, val_size=val_size, seed=seed, download=download)
         splits = _limit_training(splits, train_limit, seed)
     if model is None:
-        from norton.models import create_model
-
-        assert arch is not None  # checked above: no model file means an architecture
+        assert arch is not None
         model = create_model(arch, num_classes=splits.num_classes, in_channels=splits.in_channels)
-        check_rank_fits(model, rank)
+        check_rank_fits(model, rank)  # in_channels may differ from the default
     check_model_fits(model, splits)
     loaders = build_loaders(splits, batch_size=batch_size, workers=workers, seed=seed,
                             pin_memory=device.type == "cuda")
