@@ -6,7 +6,7 @@ import torch
 
 import norton
 from norton.cli.main import main
-from norton.training.data import find_fashion_mnist
+from norton.training.readers import find_fashion_mnist
 
 QUICK = ["--limit", "96", "--val_size", "48", "--batch_size", "32", "--workers", "0", "--no-progress", "--device", "cpu"]
 
@@ -90,13 +90,13 @@ def test_decompose_prune_and_info_commands_on_a_checkpoint(tmp_path, capsys):
 def no_work(monkeypatch):
     """Fail loudly if a command loads data, trains, decomposes or prunes: its checks must come first."""
     import norton.pipeline
-    import norton.training.data
+    import norton.training.datasets
     import norton.training.loop
 
     def forbidden(*args, **kwargs):
         raise AssertionError("work started before the arguments were checked")
 
-    monkeypatch.setattr(norton.training.data, "build_datasets", forbidden)
+    monkeypatch.setattr(norton.training.datasets, "build_datasets", forbidden)
     monkeypatch.setattr(norton.training.loop, "fit", forbidden)
     monkeypatch.setattr(norton.pipeline, "decompose", forbidden)
     monkeypatch.setattr(norton.pipeline, "_prune", forbidden)

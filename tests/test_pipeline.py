@@ -9,7 +9,8 @@ import norton.pipeline as pipeline
 from norton.errors import UserError
 from norton.models import create_model
 from norton.pipeline import FineTune, check_compress_arguments, compress
-from norton.training.data import build_datasets, build_loaders
+from norton.training.datasets import build_datasets
+from norton.training.loaders import build_loaders
 
 ONE_EPOCH = FineTune(epochs=1, lr=0.01)
 

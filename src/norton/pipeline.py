@@ -34,8 +34,8 @@ from norton.limits import (
     check_target_macs,
 )
 from norton.serialization import load_checkpoint, model_from_state, save
-from norton.training.data import Loaders
 from norton.training.distributed import resolve_device
+from norton.training.loaders import Loaders
 from norton.training.loop import evaluate, fit
 from norton.training.recipes import check_recipe
 

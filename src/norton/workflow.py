@@ -35,7 +35,7 @@ from norton.pipeline import (
     check_rank_fits,
     compress,
 )
-from norton.training.data import DATASETS, DataSplits
+from norton.training.datasets import DATASETS, DataSplits
 
 Log = Callable[[str], None]
 
@@ -129,8 +129,9 @@ def run_compression(
     from norton.report import write_report
     from norton.serialization import load_model_file, save
     from norton.training.checkpoint import check_output_dir
-    from norton.training.data import build_datasets, build_loaders
+    from norton.training.datasets import build_datasets
     from norton.training.distributed import resolve_device, seed_everything
+    from norton.training.loaders import build_loaders
     from norton.training.loop import fit
 
     started = time.perf_counter()

@@ -24,7 +24,7 @@ from norton.limits import MAX_RANK, check_int
 # load_model_file, check_model_fits and default_dataset live in the library; they are re-exported
 # for the commands that still call them through this module (new code imports them from the library).
 from norton.serialization import load_model_file as load_model_file
-from norton.training.data import DATASETS, DataSplits, build_datasets
+from norton.training.datasets import DATASETS, DataSplits, build_datasets
 from norton.training.recipes import RECIPES, recipe_for
 from norton.workflow import check_model_fits as check_model_fits
 from norton.workflow import default_dataset as default_dataset

@@ -14,7 +14,7 @@ import sys
 from norton.cli import _options as options
 from norton.cli.compress import CRITERIA_HELP, add_round_to_option, print_summary, say
 from norton.pipeline import FineTune
-from norton.training.data import find_fashion_mnist
+from norton.training.readers import find_fashion_mnist
 from norton.workflow import run_compression
 
 
