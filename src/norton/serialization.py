@@ -220,7 +220,7 @@ class ModelFile:
 
 def file_kind(content: Any) -> str | None:
     """Which of :data:`FILE_KINDS` a loaded file's content is, or ``None`` if norton cannot tell."""
-    from norton.training.loop import is_training_checkpoint
+    from norton.training.checkpoint import is_training_checkpoint
 
     if is_training_checkpoint(content):
         return "training checkpoint"
@@ -254,7 +254,7 @@ def read_model_file(
     content = read_torch_file(path)
     kind = file_kind(content)
     if kind == "training checkpoint":
-        from norton.training.loop import model_from_checkpoint
+        from norton.training.checkpoint import model_from_checkpoint
 
         details = {"epoch": content.get("epoch"), "best": content.get("best")}
         return ModelFile(model_from_checkpoint(content), kind, dict(content.get("args") or {}), details)
