@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import norton
-from norton.cli.main import main
+from norton.cli.main import build_parser, main
 from norton.training.readers import find_fashion_mnist
 
 QUICK = ["--limit", "96", "--val_size", "48", "--batch_size", "32", "--workers", "0", "--no-progress", "--device", "cpu"]
@@ -95,6 +95,8 @@ def no_work(monkeypatch):
 
     def forbidden(*args, **kwargs):
         raise AssertionError("work started before the arguments were checked")
+
+    build_parser()  # import every command first: none may bind the forbidden stand-ins for good
 
     monkeypatch.setattr(norton.training.datasets, "build_datasets", forbidden)
     monkeypatch.setattr(norton.training.loop, "fit", forbidden)

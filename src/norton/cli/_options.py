@@ -8,9 +8,9 @@ A command adds what it needs::
     add_training_options(parser)       # --epochs, --lr, --momentum, --weight_decay, --warmup_epochs, ...
     add_run_options(parser)            # --device, --seed, --output, --json
 
-and then calls :func:`build_splits`, :func:`training_recipe`, ... The library does the
-rest, called with explicit arguments (reading model files: :func:`norton.serialization.load_model_file`;
-a whole compression run: :func:`norton.workflow.run_compression`).
+and then calls the library with explicit arguments (reading model files:
+:func:`norton.serialization.load_model_file`; a whole compression run:
+:func:`norton.workflow.run_compression`).
 Option spellings follow the NORTON reference (``--data_dir``, ``--batch_size``,
 ``-cpr``); the dashed forms (``--data-dir``) are accepted too.
 """
@@ -21,13 +21,10 @@ from typing import Any
 
 from norton.limits import MAX_RANK, check_int
 
-# load_model_file, check_model_fits and default_dataset live in the library; they are re-exported
-# for the commands that still call them through this module (new code imports them from the library).
+# Re-exported for export.py and benchmark.py until they import it from the library.
 from norton.serialization import load_model_file as load_model_file
-from norton.training.datasets import DATASETS, DataSplits, build_datasets
-from norton.training.recipes import RECIPES, recipe_for
-from norton.workflow import check_model_fits as check_model_fits
-from norton.workflow import default_dataset as default_dataset
+from norton.training.datasets import DATASETS
+from norton.training.recipes import RECIPES
 
 # --------------------------------------------------------------------------- options
 
@@ -101,23 +98,6 @@ def add_run_options(parser: argparse.ArgumentParser, *, output: bool = True, out
 
 
 # --------------------------------------------------------------------------- options -> objects
-
-
-def build_splits(args: argparse.Namespace, dataset: str) -> DataSplits:
-    """The data named by :func:`add_data_options` (``args.seed`` chooses the validation images)."""
-    return build_datasets(dataset, args.data_dir, limit=args.limit, val_size=args.val_size, seed=args.seed,
-                          download=args.download)
-
-
-def training_recipe(args: argparse.Namespace, dataset: str, *, stage: str = "train") -> dict[str, Any]:
-    """``fit`` keyword arguments: the dataset's recipe (:func:`norton.training.recipes.recipe_for`),
-    overridden by the options given, checked (a one-line ``UserError`` before any data is loaded).
-
-    Unless ``--warmup_epochs`` is given, the warm-up lasts at most a tenth of the epochs.
-    """
-    keys = ("epochs", "lr", "momentum", "weight_decay", "warmup_epochs", "label_smoothing")
-    overrides = {key: getattr(args, key, None) for key in keys}
-    return recipe_for(dataset, stage=stage, amp=bool(getattr(args, "amp", False)), **overrides).to_dict()
 
 
 def plain_args(args: argparse.Namespace) -> dict[str, Any]:
