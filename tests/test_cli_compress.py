@@ -204,3 +204,13 @@ def test_demo_without_fashion_mnist_says_so_and_uses_the_builtin_data(tmp_path, 
     assert summary["dataset"] == "synthetic" and summary["command"] == "norton demo"
     baseline, final = summary["stages"][0], summary["stages"][-1]
     assert final["macs"] == pytest.approx(0.33 * baseline["macs"], rel=0.03)
+
+
+def test_demo_with_an_incomplete_data_dir_names_the_missing_file(tmp_path, capsys):
+    # An explicit --data_dir is used or refused: never the built-in data, never Debian's copy.
+    (tmp_path / "fm").mkdir()
+    (tmp_path / "fm" / "train-images-idx3-ubyte").write_bytes(b"")
+    err = one_line_error(capsys, ["demo", "--data_dir", str(tmp_path / "fm"), "--output", str(tmp_path / "d"),
+                                  *DEMO_QUICK])
+    assert "Fashion-MNIST" in err and "missing" in err
+    assert not (tmp_path / "d").exists()

@@ -20,9 +20,6 @@ import argparse
 from typing import Any
 
 from norton.limits import MAX_RANK, check_int
-
-# Re-exported for export.py and benchmark.py until they import it from the library.
-from norton.serialization import load_model_file as load_model_file
 from norton.training.datasets import DATASETS
 from norton.training.recipes import RECIPES
 

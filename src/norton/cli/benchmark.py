@@ -23,6 +23,7 @@ from norton.cli import _options as options
 from norton.cli.export import add_model_source_options, input_shape, load_model
 from norton.errors import UserError
 from norton.limits import check_image_side
+from norton.serialization import load_model_file
 
 MIB = 2**20
 
@@ -58,7 +59,7 @@ def load_baseline(args: argparse.Namespace, compressed: nn.Module) -> nn.Module 
     if args.no_baseline:
         return None
     if args.baseline is not None:
-        model, _ = options.load_model_file(args.baseline)
+        model, _ = load_model_file(args.baseline)
         return model
     architecture = getattr(compressed, "norton_architecture", None) or {}
     name = args.arch or architecture.get("name")
@@ -77,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     from norton.complexity import count_complexity
     from norton.deploy.benchmark import RUNTIMES, compare_models
     from norton.deploy.timing import environment
-    from norton.training.loop import resolve_device
+    from norton.training.distributed import resolve_device
 
     if args.runtime not in RUNTIMES:
         raise UserError(f"unknown --runtime {args.runtime!r}: use torch or onnxruntime")

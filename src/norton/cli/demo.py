@@ -52,7 +52,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if find_fashion_mnist(args.data_dir) is not None:
+    # An explicit --data_dir is used or refused (naming the missing file); only without one
+    # may the demo fall back to its built-in data.
+    if args.data_dir is not None or find_fashion_mnist(None) is not None:
         dataset = "fashion-mnist"
     else:
         print("norton demo: Fashion-MNIST not found (install Debian's dataset-fashion-mnist or pass --data_dir); "

@@ -25,6 +25,7 @@ from norton.cli import _options as options
 from norton.errors import UserError
 from norton.limits import check_image_side
 from norton.plan import plan_of
+from norton.serialization import load_model_file
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
 
@@ -63,7 +64,7 @@ def add_model_source_options(parser: argparse.ArgumentParser) -> None:
 def load_model(args: argparse.Namespace) -> nn.Module:
     """The model named by ``--ckpt`` (with ``--arch/-r/-cpr`` for the authors' files) or built from ``--arch``."""
     if args.ckpt is not None:
-        model, _ = options.load_model_file(args.ckpt, arch=args.arch, rank=args.rank,
+        model, _ = load_model_file(args.ckpt, arch=args.arch, rank=args.rank,
                                            compress_rate=args.compress_rate)
         return model
     if args.arch is None:
