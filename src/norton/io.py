@@ -1,12 +1,15 @@
 """File input and output: atomic writes (a crash or a full disk never leaves a half-written
-checkpoint) and :func:`read_torch_file`, the one place ``torch.load`` is called.
+checkpoint), strict JSON, and :func:`read_torch_file`, the one place ``torch.load`` is called.
 """
 from __future__ import annotations
 
+import json
+import math
 import os
 import pickle
 import tempfile
 import zipfile
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -85,3 +88,46 @@ def read_torch_file(
     except (RuntimeError, EOFError, OSError, ValueError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(f"cannot read {path} as a PyTorch file: {first[:200]}") from None
+
+
+# ------------------------------------------------------------------ strict JSON
+# Python's json writes NaN and Infinity by default, which no other JSON reader accepts:
+# every JSON file norton writes goes through json_text, where they become null.
+def json_text(value: Any, *, indent: int | None = None, default: Callable[[Any], Any] | None = None) -> str:
+    """Strict JSON of plain ``value``: tensors and numpy scalars as numbers, paths as strings, NaN and
+    infinities as ``null``; anything else through ``default`` (``TypeError`` without it)."""
+    return json.dumps(_json_plain(value, default), indent=indent, allow_nan=False)
+
+
+def _json_plain(value: Any, default: Callable[[Any], Any] | None) -> Any:
+    if isinstance(value, bool) or value is None or isinstance(value, (str, int)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(key): _json_plain(item, default) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_plain(item, default) for item in value]
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if hasattr(value, "item"):  # a one-element tensor or a numpy scalar
+        return _json_plain(value.item(), default)
+    if default is not None:
+        return _json_plain(default(value), None)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def write_json(value: Any, path: str | os.PathLike) -> Path:
+    """``value`` as indented strict JSON, written atomically."""
+    return atomic_write_text(json_text(value, indent=2) + "\n", path)
+
+
+def write_jsonl(records: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path:
+    """One strict JSON object per line, written atomically."""
+    return atomic_write_text("".join(json_text(record) + "\n" for record in records), path)
+
+
+def append_jsonl(record: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """Append one strict JSON line (a log that grows epoch by epoch)."""
+    with open(path, "a") as handle:
+        handle.write(json_text(record) + "\n")

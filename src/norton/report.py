@@ -8,13 +8,12 @@ JSON: a non-finite number (a diverged run's NaN loss) is written as ``null``.
 """
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from norton.io import atomic_write_text
+from norton.io import atomic_write_text, json_text
 
 Stage = Mapping[str, Any]
 
@@ -126,24 +125,5 @@ def _reduction(value: float | None, base: float | None) -> str:
 
 
 def to_json(data: Any, *, default: Callable[[Any], Any] | None = None) -> str:
-    """Strict JSON of plain ``data``: tensors and numpy scalars as numbers, paths as strings, NaN and
-    infinities as ``null``; anything else through ``default`` (``TypeError`` without it)."""
-    return json.dumps(_plain(data, default), indent=2, allow_nan=False)
-
-
-def _plain(value: Any, default: Callable[[Any], Any] | None) -> Any:
-    if isinstance(value, bool) or value is None or isinstance(value, (str, int)):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Mapping):
-        return {str(key): _plain(item, default) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(item, default) for item in value]
-    if isinstance(value, Path):
-        return str(value)
-    if hasattr(value, "item"):  # a one-element tensor or a numpy scalar
-        return _plain(value.item(), default)
-    if default is not None:
-        return _plain(default(value), None)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+    """Strict, indented JSON of plain ``data`` (:func:`norton.io.json_text`)."""
+    return json_text(data, indent=2, default=default)

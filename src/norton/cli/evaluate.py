@@ -11,10 +11,10 @@ from typing import Any
 
 from norton.cli import _options as options
 from norton.errors import UserError
+from norton.io import json_text
 from norton.serialization import load_model_file
 from norton.training.datasets import build_datasets, check_split_options
 from norton.training.distributed import resolve_device
-from norton.training.jsonfiles import dumps
 from norton.training.loaders import build_loaders, check_loader_options
 from norton.training.loop import evaluate
 from norton.workflow import check_model_fits, default_dataset
@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     report: dict[str, Any] = {"ckpt": str(args.ckpt), "arch": arch, "dataset": dataset, "split": args.split,
                               **metrics}
     if args.json:
-        print(dumps(report, indent=2, default=str))
+        print(json_text(report, indent=2, default=str))
     else:
         print(f"{arch or 'model'} on {dataset} {args.split} ({metrics['samples']} images):")
         print(f" * Acc@1 {metrics['top1']:.3f} Acc@5 {metrics['top5']:.3f}")

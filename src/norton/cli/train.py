@@ -17,12 +17,12 @@ from torch import nn
 
 from norton.cli import _options as options
 from norton.errors import UserError
+from norton.io import json_text
 from norton.models import create_model
 from norton.serialization import load_model_file
 from norton.training.checkpoint import check_output_dir
 from norton.training.datasets import build_datasets, check_split_options
 from norton.training.distributed import DistributedContext, cleanup_distributed, init_distributed, seed_everything
-from norton.training.jsonfiles import dumps
 from norton.training.loaders import build_loaders, check_loader_options
 from norton.training.loop import fit
 from norton.training.recipes import TrainingRecipe, recipe_for
@@ -102,7 +102,7 @@ def _train(args: argparse.Namespace, context: DistributedContext, stage: str) ->
     summary = {"arch": arch, "dataset": dataset, "stage": stage, "recipe": recipe.to_dict(),
                "best_checkpoint": f"{output}/best.pt", **result.to_dict()}
     if args.json:
-        print(dumps(summary, indent=2, default=str))
+        print(json_text(summary, indent=2, default=str))
         return 0
     best = "" if result.best_val_top1 is None else f", validation Acc@1 {result.best_val_top1:.3f}"
     print(f"{arch} on {dataset}: {result.epochs} epochs in {result.seconds:.0f}s; best epoch {result.best_epoch}{best}")

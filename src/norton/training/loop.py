@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from norton.errors import UserError
-from norton.io import atomic_save
+from norton.io import append_jsonl, atomic_save, write_json, write_jsonl
 from norton.training.checkpoint import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
@@ -55,7 +55,6 @@ from norton.training.distributed import (
     seed_everything,
     sum_over_ranks,
 )
-from norton.training.jsonfiles import append_jsonl, write_json, write_jsonl
 from norton.training.loaders import Loaders
 from norton.training.recipes import TrainingRecipe, build_optimizer, build_scheduler, check_recipe
 
@@ -286,7 +285,7 @@ def fit(
     if resume:
         _resume_state(run)
     elif run.log_dir is not None:
-        write_jsonl(run.log_dir / "metrics.jsonl", [])  # a fresh log, even over a run killed in its first epoch
+        write_jsonl([], run.log_dir / "metrics.jsonl")  # a fresh log, even over a run killed in its first epoch
     for epoch in range(run.epoch + 1, recipe.epochs + 1):
         record = _run_epoch(run, loaders, epoch, progress=progress)
         _save_epoch(run, record)
@@ -357,7 +356,7 @@ def _resume_state(run: _Run) -> None:
     if run.best_state is None:  # the last epoch was the best
         run.best_state = _cpu_state(run.model)
     if run.log_dir is not None:  # a run killed after writing a metrics line but before last.pt
-        write_jsonl(run.log_dir / "metrics.jsonl", run.history)
+        write_jsonl(run.history, run.log_dir / "metrics.jsonl")
 
 
 def _run_epoch(run: _Run, loaders: Loaders, epoch: int, *, progress: bool) -> dict[str, Any]:
@@ -407,7 +406,7 @@ def _divergence(train: Metrics, val: Metrics | None, model: nn.Module) -> str | 
 def _stop_diverged(run: _Run, record: dict[str, Any], reason: str) -> None:
     """Log the diverged epoch (non-finite numbers as null) and stop with one line saying what to do."""
     if run.log_dir is not None:
-        append_jsonl(run.log_dir / "metrics.jsonl", record)
+        append_jsonl(record, run.log_dir / "metrics.jsonl")
     again = " and start a new --output" if run.epoch > 0 and run.out is not None else ""
     raise UserError(f"training diverged in epoch {record['epoch']}: {reason}; "
                     f"lower --lr (it is {run.recipe.lr:g}){again}")
@@ -419,7 +418,7 @@ def _save_epoch(run: _Run, record: dict[str, Any]) -> None:
     if folder is None:
         return
     improved = run.best["epoch"] == record["epoch"]
-    append_jsonl(folder / "metrics.jsonl", record)
+    append_jsonl(record, folder / "metrics.jsonl")
     common = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "epoch": record["epoch"],
               "best": run.best, "metrics": record, "recipe": run.settings, "args": run.args}
     # best.pt first: a crash between the two writes leaves last.pt one epoch
@@ -452,10 +451,10 @@ def _finish(run: _Run, loaders: Loaders, *, progress: bool, started: float) -> F
                        seconds=time.perf_counter() - started)
     if run.log_dir is not None:
         if test is not None:
-            append_jsonl(run.log_dir / "metrics.jsonl", {
+            append_jsonl({
                 "kind": "test", "epoch": run.best["epoch"], "test_loss": test["loss"], "test_top1": test["top1"],
-                "test_top5": test["top5"], "test_samples": test["samples"]})
-        write_json(run.log_dir / "result.json", result.to_dict())
+                "test_top5": test["top5"], "test_samples": test["samples"]}, run.log_dir / "metrics.jsonl")
+        write_json(result.to_dict(), run.log_dir / "result.json")
     return result
 
 
