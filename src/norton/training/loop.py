@@ -471,17 +471,4 @@ def _format_epoch(record: Mapping[str, Any], epochs: int) -> str:
     return line + f"  {record['seconds']:.1f}s"
 
 
-# --------------------------------------------------------------------------- transitional names
-# Callers outside norton/training may still import these from here; they live in the modules
-# named below. This block goes once every caller imports from those modules.
-from norton.training.checkpoint import is_training_checkpoint, model_from_checkpoint  # noqa: E402
-from norton.training.distributed import DistributedContext, cleanup_distributed, init_distributed  # noqa: E402
-from norton.training.recipes import RECIPES, WarmupCosine, recipe_for  # noqa: E402
-
-__all__ = [
-    "FitResult", "Metrics", "evaluate", "fit", "train_one_epoch",
-    # transitional re-exports (see above)
-    "CHECKPOINT_FORMAT", "RECIPES", "DistributedContext", "WarmupCosine", "build_optimizer", "build_scheduler",
-    "check_output_dir", "check_recipe", "cleanup_distributed", "init_distributed", "is_training_checkpoint",
-    "load_checkpoint", "model_from_checkpoint", "recipe_for", "resolve_device", "seed_everything",
-]
+__all__ = ["FitResult", "Metrics", "evaluate", "fit", "train_one_epoch"]
