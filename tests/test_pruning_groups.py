@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from norton.errors import UserError
 from norton.pruning.engine import prune
-from norton.pruning.groups import check_single_path
+from norton.pruning.groups import check_pruned_runs, check_single_path
 
 
 class Branchy(nn.Module):
@@ -49,11 +49,31 @@ def test_forward_that_branches_on_the_data_is_refused():
 
 def test_single_path_models_pass_the_check_and_a_broken_pruned_model_fails_it():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
-    check_single_path(model, positive())
-    check_single_path(model, positive(), pruned=True)
+    probes = check_single_path(model, positive())
+    assert len(probes) == 2  # the negated example and a random draw
+    check_pruned_runs(model, positive(), probes)
     model[0] = nn.Conv2d(3, 6, 3)  # what a prune along one path only would leave: a channel mismatch
     with pytest.raises(UserError, match="no longer runs on the example"):
-        check_single_path(model, positive(), pruned=True)
+        check_pruned_runs(model, positive(), probes)
+
+
+class NeedsPositiveInput(nn.Module):
+    """Fails on negative inputs whether pruned or not: not a sign of a data-dependent path."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if bool((x < 0).any()):
+            raise ValueError("inputs must be non-negative")
+        return self.body(x)
+
+
+def test_probes_the_unpruned_model_refuses_are_not_held_against_the_pruned_one():
+    model = NeedsPositiveInput()
+    prune(model, positive(), ratio=0.5, criterion="l1")
+    assert model.body[0].out_channels == 4
 
 
 @pytest.mark.parametrize(

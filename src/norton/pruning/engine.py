@@ -41,6 +41,7 @@ from norton.pruning.groups import (
     CoupledGroup,
     ExampleInputs,
     Group,
+    check_pruned_runs,
     check_single_path,
     coupled_groups,
     filter_layer,
@@ -155,7 +156,7 @@ def plan_prune(
     work, graph, groups = traced(model, example_inputs, ignored_layers, prune_linear)
     if not groups:
         raise UserError(NO_PRUNABLE_LAYERS)
-    check_single_path(work, example_inputs)  # before any scoring: a data-dependent forward fails fast
+    probes = check_single_path(work, example_inputs)  # before any scoring: a data-dependent forward fails fast
     modules = dict(work.named_modules())
 
     if "ratio" in amount:
@@ -175,7 +176,7 @@ def plan_prune(
             _prune_group(graph, group, step, iterative_steps, score, names, log)
     if "compress_rate" in amount:
         check_matches_zoo(work, model, amount["compress_rate"])
-    check_single_path(work, example_inputs, pruned=True)
+    check_pruned_runs(work, example_inputs, probes)
 
     label = criterion if isinstance(criterion, str) else getattr(criterion, "__name__", type(criterion).__name__)
     info: dict[str, Any] = {"criterion": label, "amount": {k: _plain(v) for k, v in amount.items()}}

@@ -8,7 +8,8 @@ concatenations or depthwise convolutions, with every layer the removal touches.
 
 Tracing follows the path the example input takes through ``forward``. A model
 whose forward branches on the data (``if x.sum() > 0``) would be pruned along that
-path only; :func:`check_single_path` runs it on other inputs to catch this.
+path only; :func:`check_single_path` runs it on other inputs to catch this, and
+:func:`check_pruned_runs` makes sure the pruned copy still runs on them.
 """
 from __future__ import annotations
 
@@ -265,29 +266,38 @@ _ONE_PATH = (
 )
 
 
-def check_single_path(model: nn.Module, example_inputs: ExampleInputs, *, pruned: bool = False) -> None:
-    """``UserError`` if ``model`` runs other modules, or (``pruned``) fails, on inputs other than the example.
+def check_single_path(model: nn.Module, example_inputs: ExampleInputs) -> list[ExampleInputs]:
+    """``UserError`` if ``model`` runs other modules on other inputs than on the example.
 
-    Called on the traced working copy before any scoring (module sets) and again on
-    the pruned copy (it must still run on every input the unpruned model ran on).
+    Returns the probe inputs the model accepts, for :func:`check_pruned_runs` after pruning.
     """
     expected = modules_run(model, example_inputs)
+    accepted: list[ExampleInputs] = []
     if expected is None:
-        if pruned:
-            raise UserError("the pruned model no longer runs on the example input; please report this model")
-        return
+        return accepted  # tracing ran it; a failure here (eval mode) leaves nothing to compare
     for probe in _probe_inputs(example_inputs):
         ran = modules_run(model, probe)
-        if ran is None and not pruned:
-            continue  # the unpruned model does not accept this input: nothing to compare
         if ran is None:
-            raise UserError(
-                _ONE_PATH + "the pruned model fails on another input of the same shape; "
-                "make forward take one path (or prune each branch's layers separately)"
-            )
+            continue  # the model does not accept this input (say, log of a negative): nothing to compare
         if ran != expected:
             differs = sorted(ran ^ expected)
             raise UserError(
                 _ONE_PATH + f"other inputs run other modules (e.g. {differs[0]!r}); make forward take one path "
                 "for every input before pruning"
+            )
+        accepted.append(probe)
+    return accepted
+
+
+def check_pruned_runs(model: nn.Module, example_inputs: ExampleInputs, probes: Sequence[ExampleInputs]) -> None:
+    """``UserError`` if the pruned ``model`` fails, or takes another path, on an input the unpruned one ran."""
+    expected = modules_run(model, example_inputs)
+    if expected is None:
+        raise UserError("the pruned model no longer runs on the example input; please report this model")
+    for probe in probes:
+        ran = modules_run(model, probe)
+        if ran != expected:
+            raise UserError(
+                _ONE_PATH + "the pruned model fails (or runs other modules) on another input of the same shape; "
+                "make forward take one path for every input before pruning"
             )
