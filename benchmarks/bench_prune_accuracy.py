@@ -3,7 +3,8 @@
 How much a prune costs before fine-tuning repairs it: the model in ``--ckpt`` (by
 default the decomposed ResNet-20 that ``make demo`` leaves in
 ``runs/demo/decomposed/final.pt``) is pruned by each criterion to each
-``--target-macs`` fraction of its MACs, and scored on the validation split it was
+``--target-macs`` fraction of *its own* MACs (passed to ``prune`` as the
+fraction of the original model's MACs it amounts to), and scored on the validation split it was
 selected on (rebuilt from the checkpoint's dataset and seed, as ``norton evaluate
 --split val`` does).
 
@@ -20,11 +21,12 @@ import copy
 
 import torch
 
-from norton.complexity import count_complexity
+from norton.complexity import count_complexity, original_complexity
 from norton.deploy.timing import environment
 from norton.pruning.engine import prune
 from norton.serialization import load_checkpoint, model_from_state
-from norton.training.data import build_datasets, build_loaders
+from norton.training.datasets import build_datasets
+from norton.training.loaders import build_loaders
 from norton.training.loop import evaluate
 
 
@@ -49,12 +51,15 @@ def main() -> None:
     env = environment("cpu")
     print(f"torch {env['torch']}, {env['threads']} threads, device {env['device']}; {args.ckpt} on {dataset} "
           f"validation ({len(splits.val)} images), {count_complexity(model, size).macs / 1e6:.2f}M MACs")
+    # prune()'s target_macs is a fraction of the original (undecomposed) model's MACs
+    of_original = count_complexity(model, size).macs / original_complexity(model, size).macs
     print(f"unpruned: top-1 {evaluate(model, loaders.val, device='cpu', progress=False)['top1']:.2f}%")
     print(f"{'criterion':<10}" + "".join(f"{f'MACs x{t:g}':>14}" for t in args.target_macs))
     for criterion in args.criteria:
         cells = ""
         for target in args.target_macs:
-            pruned = prune(copy.deepcopy(model), example, target_macs=target, criterion=criterion).eval()
+            pruned = copy.deepcopy(model)
+            prune(pruned, example, target_macs=target * of_original, criterion=criterion).eval()
             cells += f"{evaluate(pruned, loaders.val, device='cpu', progress=False)['top1']:>13.2f}%"
         print(f"{criterion:<10}{cells}", flush=True)
     if args.layer is None:
