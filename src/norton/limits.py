@@ -34,6 +34,9 @@ MAX_CLASSES = 100_000
 MAX_IN_CHANNELS = 1_024
 # Width multiple of ``round_to``: widths beyond this exist in no CNN.
 MAX_ROUND_TO = 4_096
+# Channel indices a prune record may list in all: a ResNet-152 lists ~100k; a million
+# bounds what a file can make norton allocate.
+MAX_RECORD_INDICES = 1_000_000
 # Images per batch (an example input, a timing batch, a data loader's batch).
 MAX_BATCH_SIZE = 65_536
 # Timing repetitions and warm-up runs.

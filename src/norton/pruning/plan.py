@@ -26,12 +26,11 @@ import torch
 from torch import Tensor, nn
 
 from norton.errors import UserError
+from norton.limits import MAX_RECORD_INDICES
 from norton.plan import PlanOperation, append_record, record_original, register_operation
 from norton.pruning.surgery import IN, OUT, kept_indices, layer_pruner, side_sizes
 
 PRUNE_OP = "prune"
-# Indices a record may list in all: a ResNet-152 lists ~100k; a million bounds what a file can make us allocate.
-MAX_RECORD_INDICES = 1_000_000
 _INDEX_FIELDS = (("removed", OUT), ("removed_inputs", IN))
 
 
