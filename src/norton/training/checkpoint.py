@@ -25,6 +25,7 @@ from torch import nn
 
 from norton.errors import UserError
 from norton.io import read_torch_file
+from norton.plan import plan_of
 from norton.serialization import model_from_state, model_state
 
 CHECKPOINT_FORMAT = "norton.training_checkpoint"
@@ -42,8 +43,7 @@ def model_record(model: nn.Module) -> dict[str, Any]:
     """
     if getattr(model, "norton_architecture", None) is not None:
         return model_state(model)
-    return {"architecture": None, "plan": list(getattr(model, "norton_plan", None) or []),
-            "state_dict": model.state_dict()}
+    return {"architecture": None, "plan": plan_of(model), "state_dict": model.state_dict()}
 
 
 def model_from_record(record: Mapping[str, Any]) -> nn.Module:
