@@ -33,7 +33,7 @@ tensor arithmetic are never counted. Numbers are per sample (divided by the batc
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from norton.errors import UserError
+from norton.example_inputs import call_model, first_tensor, on_device_of
 
 if TYPE_CHECKING:  # the block type only: norton.decomposition imports this module
     from norton.decomposition.cpd_block import CPDBlock
@@ -294,8 +295,8 @@ def count_complexity(
     """
     convention = _check_convention(convention)
     if example_inputs is not None and input_size is None:
-        inputs = _move_inputs(example_inputs, model)
-        shape = tuple(_first_tensor(inputs).shape)
+        inputs = on_device_of(example_inputs, model)
+        shape = tuple(first_tensor(inputs).shape)
     elif input_size is not None and example_inputs is None:
         shape = _check_input_size(input_size)
         inputs = _example_input(model, shape)
@@ -340,7 +341,7 @@ def _count_macs(model: nn.Module, inputs: Any, batch: int) -> dict[str, _Tally]:
             handles.append(module.register_forward_hook(hook))
         model.eval()
         with torch.no_grad():
-            _call(model, inputs)
+            call_model(model, inputs)
     finally:
         for handle in handles:
             handle.remove()
@@ -379,38 +380,6 @@ def _check_convention(convention: str) -> str:
 def _check_input_size(input_size: Sequence[int]) -> tuple[int, ...]:
     shape = check_input_size(input_size)
     return (1, *shape) if len(shape) == 3 else shape
-
-
-def _call(model: nn.Module, inputs: Any) -> Any:
-    if isinstance(inputs, Mapping):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
-
-
-def _first_tensor(inputs: Any) -> Tensor:
-    values = inputs.values() if isinstance(inputs, Mapping) else inputs if isinstance(inputs, (tuple, list)) else [inputs]
-    for value in values:
-        if isinstance(value, Tensor):
-            return value
-    raise UserError("example_inputs must hold at least one tensor")
-
-
-def _move_inputs(inputs: Any, model: nn.Module) -> Any:
-    """``inputs`` on the model's device (a meta-device model gets meta tensors)."""
-    reference = next(model.parameters(), None)
-    if reference is None:
-        return inputs
-
-    def move(value: Any) -> Any:
-        return value.to(reference.device) if isinstance(value, Tensor) else value
-
-    if isinstance(inputs, Mapping):
-        return {key: move(value) for key, value in inputs.items()}
-    if isinstance(inputs, (tuple, list)):
-        return type(inputs)(move(value) for value in inputs)
-    return move(inputs)
 
 
 def original_complexity(model: nn.Module, input_size: Sequence[int] | None = None, *, example_inputs: Any = None,

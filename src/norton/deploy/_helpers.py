@@ -1,15 +1,17 @@
-"""Small helpers the deploy modules share: example inputs, tensors in outputs, module surgery."""
+"""Small helpers the deploy modules share: tuples of example inputs, finiteness, module surgery, memory formats."""
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from norton.errors import UserError
+from norton.example_inputs import model_device, tensors_in
 
 Inputs = Tensor | tuple[Tensor, ...]
+__all__ = ["Inputs", "all_finite", "as_tuple", "first_non_finite", "memory_format", "model_device",
+           "non_finite_message", "set_submodule", "tensors_in", "to_memory_format"]
 
 
 def as_tuple(inputs: Any) -> tuple[Tensor, ...]:
@@ -19,27 +21,6 @@ def as_tuple(inputs: Any) -> tuple[Tensor, ...]:
     if isinstance(inputs, (tuple, list)) and inputs and all(isinstance(t, Tensor) for t in inputs):
         return tuple(inputs)
     raise UserError("example_inputs must be a tensor or a tuple of tensors, e.g. torch.randn(1, 3, 32, 32)")
-
-
-def tensors_in(value: Any) -> Iterable[Tensor]:
-    """Every tensor in a model output (nested tuples, lists and dicts), in order."""
-    if isinstance(value, Tensor):
-        yield value
-    elif isinstance(value, Mapping):
-        for item in value.values():
-            yield from tensors_in(item)
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            yield from tensors_in(item)
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter (or buffer); CPU for a stateless model."""
-    for parameter in model.parameters():
-        return parameter.device
-    for buffer in model.buffers():
-        return buffer.device
-    return torch.device("cpu")
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -20,7 +20,8 @@ from torch import Tensor, nn
 from norton.complexity import count_complexity, original_complexity
 from norton.decomposition.cpd_block import CPDBlock
 from norton.errors import UserError
-from norton.pruning.groups import ExampleInputs, Group
+from norton.example_inputs import ExampleInputs
+from norton.pruning.groups import Group
 from norton.pruning.surgery import IN, OUT
 
 MACS_TOLERANCE = 0.02  # target_macs is met within this relative error

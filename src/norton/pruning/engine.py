@@ -26,6 +26,7 @@ import torch_pruning as tp
 from torch import Tensor, nn
 
 from norton.errors import UserError
+from norton.example_inputs import ExampleInputs
 from norton.limits import MAX_STEPS, check_int, check_ratios, check_target_macs
 from norton.limits import check_round_to as check_round_to_value
 from norton.pruning.budget import (
@@ -39,7 +40,6 @@ from norton.pruning.budget import (
 from norton.pruning.criteria import filter_removal_order, get_criterion, importance_from_removal_order
 from norton.pruning.groups import (
     CoupledGroup,
-    ExampleInputs,
     Group,
     check_pruned_runs,
     check_single_path,

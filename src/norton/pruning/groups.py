@@ -24,9 +24,8 @@ from torch import Tensor, nn
 
 from norton.decomposition.cpd_block import CPDBlock
 from norton.errors import UserError
+from norton.example_inputs import ExampleInputs, call_model
 from norton.pruning.surgery import IN, OUT, customized_pruners
-
-ExampleInputs = Tensor | Sequence[Tensor] | Mapping[str, Tensor]
 
 
 @dataclass(frozen=True)
@@ -92,14 +91,6 @@ def _working_copy(model: nn.Module) -> nn.Module:
     for parameter in work.parameters():
         parameter.requires_grad_(True)
     return work
-
-
-def call_model(model: nn.Module, example_inputs: ExampleInputs) -> Any:
-    if isinstance(example_inputs, Mapping):
-        return model(**example_inputs)
-    if isinstance(example_inputs, (tuple, list)):
-        return model(*example_inputs)
-    return model(example_inputs)
 
 
 def _build_graph(work: nn.Module, example_inputs: ExampleInputs) -> tp.DependencyGraph:
