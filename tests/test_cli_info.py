@@ -35,3 +35,13 @@ def test_bad_input_sizes_are_one_line_before_anything_is_read(tmp_path, capsys, 
     path = norton.save(norton.create_model("resnet_20"), tmp_path / "m.pt")
     err = one_line_error(capsys, ["info", "--ckpt", str(path), "--input-size", side])
     assert "--input-size must be in [1, 8,192]" in err
+
+
+def test_a_refused_info_command_does_not_import_torch(tmp_path):
+    # Only the command being run is imported; info checks --input-size before its library code.
+    import subprocess
+    import sys
+
+    code = ("import sys; from norton.cli.main import main; code = main(['info', '--ckpt', 'x', '--input-size', '0']); "
+            "sys.exit(10 + code if 'torch' in sys.modules else code)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 2

@@ -20,7 +20,7 @@ import argparse
 from typing import Any
 
 from norton.limits import MAX_RANK, check_int
-from norton.training.datasets import DATASETS
+from norton.training import DATASETS
 from norton.training.recipes import RECIPES
 
 # --------------------------------------------------------------------------- options

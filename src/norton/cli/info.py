@@ -42,13 +42,13 @@ def run(args: argparse.Namespace) -> int:
 
 def describe(path: str, *, input_size: int | None = None) -> dict[str, Any]:
     """Plain-data description of a model file, as ``norton info --json`` prints it."""
-    from norton.complexity import count_complexity
     from norton.limits import check_image_side
+
+    if input_size is not None:  # before torch is imported and the file read: a 100,000-pixel side would not fit
+        check_image_side(input_size)
+    from norton.complexity import count_complexity
     from norton.plan import describe_plan, plan_of
     from norton.serialization import read_model_file
-
-    if input_size is not None:
-        check_image_side(input_size)  # before the file is read: a 100,000-pixel side would not fit in memory
     loaded = read_model_file(path)
     model = loaded.model
     architecture = dict(getattr(model, "norton_architecture", None) or {})

@@ -18,6 +18,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+# The datasets norton reads; a constant here (not in transforms) so the CLI builds its
+# options without importing torch or torchvision.
+DATASETS = ("cifar10", "cifar100", "imagenet", "fashion-mnist", "synthetic")
+
 _EXPORTS = {
     "DataSplits": "norton.training.datasets",
     "build_datasets": "norton.training.datasets",

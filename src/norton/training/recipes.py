@@ -9,13 +9,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from norton.errors import UserError
 from norton.limits import check_epochs, check_finite, check_learning_rate
+
+if TYPE_CHECKING:  # torch is imported where an optimiser is built: the CLI reads RECIPES without it
+    import torch
+    from torch import nn
 
 STAGES = ("train", "finetune")
 
@@ -127,6 +128,8 @@ def build_optimizer(
     model: nn.Module, *, lr: float, momentum: float = 0.9, weight_decay: float = 5e-4
 ) -> torch.optim.SGD:
     """SGD with momentum and weight decay on every parameter (as the reference does)."""
+    import torch
+
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
@@ -144,4 +147,6 @@ def build_scheduler(
         warmup_steps=round(warmup_epochs * steps_per_epoch),
         start_factor=warmup_start_factor,
     )
+    import torch
+
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -16,8 +16,7 @@ from torch import Tensor
 from torchvision.transforms import Compose, v2
 
 from norton.errors import UserError
-
-DATASETS = ("cifar10", "cifar100", "imagenet", "fashion-mnist", "synthetic")
+from norton.training import DATASETS  # defined where the CLI can read it without torch
 
 # Normalisation statistics (mean, std) per channel. CIFAR-10 uses the NORTON
 # reference's values (data/cifar10.py; the std is the widespread slightly-off one)
