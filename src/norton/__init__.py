@@ -7,8 +7,7 @@ lazily, so ``import norton`` stays cheap.
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from norton._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -58,15 +57,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'norton' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

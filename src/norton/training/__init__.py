@@ -15,8 +15,7 @@ The names below are loaded lazily, so ``import norton.training`` stays cheap.
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from norton._lazy import lazy_exports
 
 # The datasets norton reads; a constant here (not in transforms) so the CLI builds its
 # options without importing torch or torchvision.
@@ -44,15 +43,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'norton.training' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
