@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+from _factories import random_batchnorm
 from norton.decomposition.cpd_block import CPDBlock
 from norton.deploy.batchnorm import find_batchnorm_pairs, fold_batchnorm, fold_structure
 from norton.errors import UserError
@@ -35,16 +36,6 @@ def test_batchnorm_pairs_need_eval_mode():
     assert find_batchnorm_pairs(model, torch.randn(2, 3, 8, 8)) == []
 
 
-def _bn(channels: int) -> nn.BatchNorm2d:
-    torch.manual_seed(1)
-    bn = nn.BatchNorm2d(channels)
-    with torch.no_grad():
-        bn.running_mean.normal_()
-        bn.running_var.uniform_(0.5, 2.0)
-        bn.weight.normal_()
-        bn.bias.normal_()
-    return bn.eval()
-
 
 @pytest.mark.parametrize("bias", [False, True])
 def test_fold_into_conv_and_block_keeps_the_function(bias):
@@ -52,7 +43,7 @@ def test_fold_into_conv_and_block_keeps_the_function(bias):
     x = torch.randn(2, 4, 9, 9)
     for producer in (nn.Conv2d(4, 6, 3, padding=1, bias=bias), CPDBlock(4, 6, 2, 3, padding=1, bias=bias)):
         producer.eval()
-        bn = _bn(6)
+        bn = random_batchnorm(6)
         with torch.no_grad():
             expected = bn(producer(x))
             fold_batchnorm(producer, bn)
@@ -63,7 +54,7 @@ def test_fold_into_conv_and_block_keeps_the_function(bias):
 
 def test_fold_structure_makes_the_bias_a_fold_makes():
     folded, fresh = CPDBlock(4, 6, 2, 3, bias=False), CPDBlock(4, 6, 2, 3, bias=False)
-    fold_batchnorm(folded, _bn(6))
+    fold_batchnorm(folded, random_batchnorm(6))
     fold_structure(fresh)
     assert fresh.bias is not None and fresh.bias.shape == (6,)
     fresh.load_state_dict(folded.state_dict(), strict=True)  # a folded state dict loads into the replayed structure
@@ -73,7 +64,7 @@ def test_fold_refuses_batchnorm_without_running_statistics_and_unknown_producers
     with pytest.raises(UserError, match="running statistics"):
         fold_batchnorm(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, track_running_stats=False).eval())
     with pytest.raises(UserError, match="Linear"):
-        fold_batchnorm(nn.Linear(3, 4), _bn(4))
+        fold_batchnorm(nn.Linear(3, 4), random_batchnorm(4))
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, track_running_stats=False)).eval()
     assert find_batchnorm_pairs(model, torch.randn(1, 3, 4, 4)) == []
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from _factories import random_batchnorm
 from norton.decomposition.cpd_block import CPDBlock
 from norton.deploy.batchnorm import fold_batchnorm
 from norton.deploy.forms import (
@@ -41,16 +42,6 @@ def _random_block(config, seed: int = 0) -> CPDBlock:
     return block
 
 
-def _random_bn(channels: int, seed: int = 1) -> nn.BatchNorm2d:
-    torch.manual_seed(seed)
-    bn = nn.BatchNorm2d(channels)
-    with torch.no_grad():
-        bn.running_mean.normal_()
-        bn.running_var.uniform_(0.5, 2.0)
-        bn.weight.normal_()
-        bn.bias.normal_()
-    return bn.eval()
-
 
 def _relative(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual - expected).abs().max() / expected.abs().max()).item()
@@ -77,7 +68,7 @@ def test_inference_form_equals_block(config, form):
 @pytest.mark.parametrize("form", INFERENCE_FORMS)
 def test_inference_form_after_batchnorm_folding_equals_block_then_bn(config, form):
     block = _random_block(config).eval()
-    bn = _random_bn(block.out_channels)
+    bn = random_batchnorm(block.out_channels)
     x = _input(block)
     with torch.no_grad():
         expected = bn(block(x))
@@ -98,7 +89,7 @@ def test_forms_are_built_from_plain_convolutions():
 
 def test_batchnorm_fold_into_merged_form_and_conv():
     block = _random_block(BLOCK_CONFIGS[1]).eval()
-    bn = _random_bn(block.out_channels)
+    bn = random_batchnorm(block.out_channels)
     x = _input(block)
     merged = MergedCPDConv(block)
     conv = build_form(block, "dense")

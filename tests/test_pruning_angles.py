@@ -4,22 +4,9 @@ import math
 import pytest
 import torch
 
-from norton.decomposition.cpd_block import CPDBlock
+from _factories import block_from, random_factors
 from norton.errors import UserError
 from norton.pruning.angles import pairwise_distance, principal_angles, variance_based_distance
-
-
-def random_factors(n, c_in=16, rank=2, kernel=3, *, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (
-        torch.randn(n, c_in, rank, generator=g),
-        torch.randn(n, kernel, rank, generator=g),
-        torch.randn(n, kernel, rank, generator=g),
-    )
-
-
-def block_from(factors):
-    return CPDBlock.from_factors(tuple(f.contiguous() for f in factors))
 
 
 # ------------------------------------------------------------------ principal angles

@@ -3,6 +3,7 @@ import pytest
 import torch
 from torch import nn
 
+from _factories import block_from, random_factors
 from norton.decomposition.cpd_block import CPDBlock
 from norton.errors import UserError
 from norton.pruning import criteria
@@ -22,17 +23,6 @@ from norton.pruning.criteria import (
 FACTOR_CRITERIA = ["pabs", "csa", "vbd"]
 
 
-def random_factors(n, c_in=16, rank=2, kernel=3, *, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (
-        torch.randn(n, c_in, rank, generator=g),
-        torch.randn(n, kernel, rank, generator=g),
-        torch.randn(n, kernel, rank, generator=g),
-    )
-
-
-def block_from(factors):
-    return CPDBlock.from_factors(tuple(f.contiguous() for f in factors))
 
 
 def is_permutation(order, n):
