@@ -193,9 +193,9 @@ DEMO_QUICK = ["--limit", "96", "--val_size", "48", "--batch_size", "32", "--base
 
 @pytest.mark.slow
 def test_demo_without_fashion_mnist_says_so_and_uses_the_builtin_data(tmp_path, capsys, monkeypatch):
-    import norton.cli.demo
+    import norton.training.readers
 
-    monkeypatch.setattr(norton.cli.demo, "find_fashion_mnist", lambda data_dir=None: None)
+    monkeypatch.setattr(norton.training.readers, "find_fashion_mnist", lambda data_dir=None: None)
     assert main(["demo", "--output", str(tmp_path / "demo"), *DEMO_QUICK]) == 0
     captured = capsys.readouterr()
     assert "Fashion-MNIST not found" in captured.err and "synthetic" in captured.err
@@ -214,3 +214,23 @@ def test_demo_with_an_incomplete_data_dir_names_the_missing_file(tmp_path, capsy
                                   *DEMO_QUICK])
     assert "Fashion-MNIST" in err and "missing" in err
     assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["prune", "--ckpt", "m.pt", "--ratio", "0.5", "--lr", "nan"],
+        ["compress", "--arch", "resnet_20", "--ratio", "1.5"],
+        ["decompose", "--ckpt", "m.pt", "-r", "1000000"],
+        ["prune", "--ckpt", "missing.pt", "--ratio", "0.5"],
+    ],
+)
+def test_refused_compression_commands_do_not_import_torch(tmp_path, argv):
+    # The arguments are checked before the library (and torch) is imported: a typo costs ~0.1 s, not seconds.
+    import subprocess
+    import sys
+
+    (tmp_path / "m.pt").write_bytes(b"not read")
+    code = (f"import sys; from norton.cli.main import main; code = main({argv!r}); "
+            "sys.exit(10 + code if 'torch' in sys.modules else code)")
+    assert subprocess.run([sys.executable, "-c", code], cwd=tmp_path).returncode == 2

@@ -6,9 +6,10 @@ import torch
 
 import norton
 import norton.pipeline as pipeline
+from norton.compress_arguments import FineTune, check_compress_arguments
 from norton.errors import UserError
 from norton.models import create_model
-from norton.pipeline import FineTune, check_compress_arguments, compress
+from norton.pipeline import compress
 from norton.training.datasets import build_datasets
 from norton.training.loaders import build_loaders
 

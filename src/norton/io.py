@@ -13,8 +13,6 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from norton.errors import UserError
 
 
@@ -31,6 +29,8 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     The rename is atomic on POSIX, so readers see the old file or the new one,
     never a partial one. Parent folders are created.
     """
+    import torch  # here, not at the top: the CLI's argument checks import this module without torch
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -72,6 +72,8 @@ def read_torch_file(
     holding objects beyond tensors and plain data each get a message saying which;
     ``hint`` is appended to the last (e.g. how to load a trusted file).
     """
+    import torch
+
     path = Path(path).expanduser()
     if not path.is_file():
         raise UserError(f"no such file: {path}")

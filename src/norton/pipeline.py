@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,52 +21,19 @@ import torch
 from torch import nn
 
 from norton.complexity import count_complexity, original_complexity
+
+# Re-exported: the arguments of compress() are defined (and checked without torch) there.
+from norton.compress_arguments import FineTune, check_compress_arguments, check_compress_output
 from norton.decomposition.cpd_block import CPDBlock
 from norton.decomposition.decompose import RankSpec, decompose, eligible_convs, replay_decompose
-from norton.errors import UserError
 from norton.limits import (
-    check_epochs,
     check_input_size,
-    check_learning_rate,
     check_rank,
-    check_ratios,
-    check_round_to,
-    check_target_macs,
 )
 from norton.serialization import load_checkpoint, model_from_state, save
 from norton.training.distributed import resolve_device
 from norton.training.loaders import Loaders
 from norton.training.loop import evaluate, fit
-from norton.training.recipes import check_recipe
-
-ORDERS = ("decompose-prune", "prune-decompose")
-
-
-@dataclass
-class FineTune:
-    """Fine-tuning recipe of one stage (``epochs=0`` skips it)."""
-
-    epochs: int = 1
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    warmup_epochs: float = 0.0
-    label_smoothing: float = 0.0
-    amp: bool = False
-
-    def check(self, stage: str) -> FineTune:
-        """``self``, or a one-line ``UserError`` naming ``stage`` for a setting :func:`fit` cannot use.
-
-        The learning rate is checked even with ``epochs=0``: a NaN there is a typo either way.
-        """
-        check_epochs(self.epochs, f"{stage} fine-tuning epochs", minimum=0)
-        check_learning_rate(self.lr, f"{stage} fine-tuning learning rate")
-        if self.epochs > 0:
-            try:
-                check_recipe(**asdict(self))
-            except UserError as error:
-                raise UserError(f"{stage} fine-tuning: {error}") from None
-        return self
 
 
 @dataclass
@@ -206,54 +173,6 @@ def compress(
     return CompressionResult(model=model, stages=stages, channels=channels)
 
 
-def check_compress_arguments(
-    *,
-    rank: RankSpec | None,
-    compress_rate: str | Sequence[float] | None,
-    ratio: float | Mapping[str, float] | None,
-    target_macs: float | None,
-    criterion: str,
-    round_to: int | None,
-    order: str,
-    decompose_finetune: FineTune | None,
-    prune_finetune: FineTune | None,
-) -> dict[str, Any]:
-    """Check every argument of :func:`compress` that needs no model; returns the pruning amount.
-
-    The amount is ``{}`` (no pruning) or one of ``{"compress_rate": [...]}``,
-    ``{"ratio": ...}``, ``{"target_macs": ...}``, parsed and bounded by :mod:`norton.limits`.
-    """
-    from norton.compress_rate import parse_compress_rate
-    from norton.pruning.criteria import get_criterion
-
-    if order not in ORDERS:
-        raise UserError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
-    given = {k: v for k, v in (("compress_rate", compress_rate), ("ratio", ratio), ("target_macs", target_macs))
-             if v is not None}
-    if len(given) > 1:
-        raise UserError(f"say how much to prune in one way: compress_rate, ratio or target_macs (got {', '.join(given)})")
-    amounts: dict[str, Any] = {}
-    if compress_rate is not None:
-        amounts["compress_rate"] = parse_compress_rate(compress_rate)
-    if ratio is not None:
-        amounts["ratio"] = check_ratios(ratio)
-    if target_macs is not None:
-        amounts["target_macs"] = check_target_macs(target_macs)
-    if round_to is not None:
-        check_round_to(round_to)
-        if compress_rate is not None:
-            raise UserError("round_to applies to ratio and target_macs; compress_rate fixes every width itself")
-    if isinstance(rank, int):
-        check_rank(rank)
-    if rank is None and not amounts:
-        raise UserError("nothing to do: give a rank, a compress rate, a ratio or a target")
-    if amounts and isinstance(criterion, str):
-        get_criterion(criterion)
-    (decompose_finetune or FineTune()).check("decompose")
-    (prune_finetune or FineTune()).check("prune")
-    return amounts
-
-
 def check_rank_fits(model: nn.Module, rank: RankSpec | None) -> None:
     """An int ``rank`` suits every convolution :func:`decompose` would replace (before any work)."""
     if isinstance(rank, bool) or not isinstance(rank, int):
@@ -261,17 +180,6 @@ def check_rank_fits(model: nn.Module, rank: RankSpec | None) -> None:
     for name, conv in eligible_convs(model).items():
         check_rank(rank, f"rank for layer {name!r}", in_channels=conv.in_channels,
                    kernel_size=(int(conv.kernel_size[0]), int(conv.kernel_size[1])))
-
-
-def check_compress_output(output_dir: Path | None, *, resume: bool) -> None:
-    """``output_dir`` holds no earlier compression run, unless it is to be resumed."""
-    if output_dir is None:
-        if resume:
-            raise UserError("resume needs the output folder of the run to continue")
-        return
-    if not resume and any((output_dir / stage).exists() for stage in ("decomposed", "pruned")):
-        raise UserError(f"{output_dir} already holds a compression run: pass --resume to continue it "
-                        "or choose another --output")
 
 
 def _run_stage(

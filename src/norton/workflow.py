@@ -20,22 +20,18 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
-from torch.utils.data import Subset
-
+from norton.compress_arguments import FineTune, check_compress_arguments, check_compress_output
 from norton.errors import UserError
 from norton.limits import check_batch_size, check_epochs, check_int, check_learning_rate
-from norton.pipeline import (
-    FineTune,
-    check_compress_arguments,
-    check_compress_output,
-    check_rank_fits,
-    compress,
-)
-from norton.training.datasets import DATASETS, DataSplits
+from norton.training import DATASETS
+
+if TYPE_CHECKING:  # torch is imported once the arguments are checked: a typo costs no import time
+    import torch
+    from torch import nn
+
+    from norton.training.datasets import DataSplits
 
 Log = Callable[[str], None]
 
@@ -53,6 +49,8 @@ def default_dataset(arch: str | None) -> str:
 
 def check_model_fits(model: nn.Module, splits: DataSplits) -> None:
     """``UserError`` unless ``model`` maps one image of ``splits`` to ``splits.num_classes`` scores."""
+    import torch
+
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -125,20 +123,13 @@ def run_compression(
     Returns the summary written to ``summary.json`` (its ``stages`` are the records of
     :func:`~norton.pipeline.compress`), with ``files``: the report's paths.
     """
-    from norton.models import create_model
-    from norton.report import write_report
-    from norton.serialization import load_model_file, save
-    from norton.training.checkpoint import check_output_dir
-    from norton.training.datasets import build_datasets
-    from norton.training.distributed import resolve_device, seed_everything
-    from norton.training.loaders import build_loaders
-    from norton.training.loop import fit
-
     started = time.perf_counter()
     say: Log = log or (lambda message: None)
     # ------------------------------------------------ every argument, before any work
     if model_file is None and arch is None:
         raise UserError("give a model file (a trained baseline) or an architecture to train here first")
+    if model_file is not None and not Path(model_file).expanduser().is_file():
+        raise UserError(f"checkpoint {Path(model_file).expanduser()} not found: check the path")
     amounts = check_compress_arguments(
         rank=rank, compress_rate=compress_rate, ratio=ratio, target_macs=target_macs, criterion=criterion,
         round_to=round_to, order=order, decompose_finetune=decompose_finetune, prune_finetune=prune_finetune,
@@ -156,6 +147,19 @@ def run_compression(
         raise UserError(f"unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}")
     output = Path(output_dir).expanduser()
     check_compress_output(output, resume=resume)
+    # Only now the library (and torch) is imported.
+    import torch
+
+    from norton.models import create_model
+    from norton.pipeline import check_rank_fits, compress
+    from norton.report import write_report
+    from norton.serialization import load_model_file, save
+    from norton.training.checkpoint import check_output_dir
+    from norton.training.datasets import build_datasets
+    from norton.training.distributed import resolve_device, seed_everything
+    from norton.training.loaders import build_loaders
+    from norton.training.loop import fit
+
     if model_file is None and not resume:
         check_output_dir(output / "baseline", resume=False)
     device = resolve_device(device)
@@ -222,6 +226,9 @@ def _limit_training(splits: DataSplits, limit: int | None, seed: int) -> DataSpl
     size = len(splits.train)  # type: ignore[arg-type]  # the datasets norton builds are map-style, with a length
     if limit is None or limit >= size:
         return splits
+    import torch
+    from torch.utils.data import Subset
+
     keep = torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:limit]
     return dataclasses.replace(splits, train=Subset(splits.train, keep.tolist()))
 

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from norton.cli import _options as options
+from norton.compress_arguments import ORDERS, FineTune
 from norton.errors import UserError
-from norton.pipeline import ORDERS, FineTune
 from norton.report import format_table
 from norton.workflow import run_compression
 

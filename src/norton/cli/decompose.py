@@ -8,7 +8,7 @@ import argparse
 
 from norton.cli import _options as options
 from norton.cli.compress import default_output, print_summary, say
-from norton.pipeline import FineTune
+from norton.compress_arguments import FineTune
 from norton.workflow import run_compression
 
 

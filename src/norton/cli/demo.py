@@ -13,8 +13,7 @@ import sys
 
 from norton.cli import _options as options
 from norton.cli.compress import CRITERIA_HELP, add_round_to_option, print_summary, say
-from norton.pipeline import FineTune
-from norton.training.readers import find_fashion_mnist
+from norton.compress_arguments import FineTune
 from norton.workflow import run_compression
 
 
@@ -52,6 +51,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from norton.training.readers import find_fashion_mnist
+
     # An explicit --data_dir is used or refused (naming the missing file); only without one
     # may the demo fall back to its built-in data.
     if args.data_dir is not None or find_fashion_mnist(None) is not None:

@@ -9,7 +9,7 @@ import argparse
 
 from norton.cli import _options as options
 from norton.cli.compress import CRITERIA_HELP, add_round_to_option, default_output, print_summary, say
-from norton.pipeline import FineTune
+from norton.compress_arguments import FineTune
 from norton.workflow import run_compression
 
 

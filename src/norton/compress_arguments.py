@@ -1,0 +1,114 @@
+"""The arguments of a compression run, checked without importing torch.
+
+:func:`norton.pipeline.compress` and :func:`norton.workflow.run_compression` take an
+order, an amount of pruning (``compress_rate``, ``ratio`` or ``target_macs``), a rank and a
+:class:`FineTune` recipe per stage. Everything about them that needs no model is checked
+here, by :mod:`norton.limits`, so a typo on the command line is refused in a fraction of
+a second, before torch is even imported, and leaves nothing behind.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from norton.errors import UserError
+from norton.limits import (
+    check_epochs,
+    check_learning_rate,
+    check_rank,
+    check_ratios,
+    check_round_to,
+    check_target_macs,
+)
+from norton.training.recipes import check_recipe
+
+ORDERS = ("decompose-prune", "prune-decompose")
+
+
+@dataclass
+class FineTune:
+    """Fine-tuning recipe of one stage (``epochs=0`` skips it)."""
+
+    epochs: int = 1
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 0.0
+    label_smoothing: float = 0.0
+    amp: bool = False
+
+    def check(self, stage: str) -> FineTune:
+        """``self``, or a one-line ``UserError`` naming ``stage`` for a setting :func:`fit` cannot use.
+
+        The learning rate is checked even with ``epochs=0``: a NaN there is a typo either way.
+        """
+        check_epochs(self.epochs, f"{stage} fine-tuning epochs", minimum=0)
+        check_learning_rate(self.lr, f"{stage} fine-tuning learning rate")
+        if self.epochs > 0:
+            try:
+                check_recipe(**asdict(self))
+            except UserError as error:
+                raise UserError(f"{stage} fine-tuning: {error}") from None
+        return self
+
+
+def check_compress_arguments(
+    *,
+    rank: Any,
+    compress_rate: str | Sequence[float] | None,
+    ratio: float | Mapping[str, float] | None,
+    target_macs: float | None,
+    criterion: str,
+    round_to: int | None,
+    order: str,
+    decompose_finetune: FineTune | None,
+    prune_finetune: FineTune | None,
+) -> dict[str, Any]:
+    """Check every argument of :func:`compress` that needs no model; returns the pruning amount.
+
+    The amount is ``{}`` (no pruning) or one of ``{"compress_rate": [...]}``,
+    ``{"ratio": ...}``, ``{"target_macs": ...}``, parsed and bounded by :mod:`norton.limits`.
+    """
+    from norton.compress_rate import parse_compress_rate
+
+    if order not in ORDERS:
+        raise UserError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
+    given = {k: v for k, v in (("compress_rate", compress_rate), ("ratio", ratio), ("target_macs", target_macs))
+             if v is not None}
+    if len(given) > 1:
+        raise UserError(f"say how much to prune in one way: compress_rate, ratio or target_macs (got {', '.join(given)})")
+    amounts: dict[str, Any] = {}
+    if compress_rate is not None:
+        amounts["compress_rate"] = parse_compress_rate(compress_rate)
+    if ratio is not None:
+        amounts["ratio"] = check_ratios(ratio)
+    if target_macs is not None:
+        amounts["target_macs"] = check_target_macs(target_macs)
+    if round_to is not None:
+        check_round_to(round_to)
+        if compress_rate is not None:
+            raise UserError("round_to applies to ratio and target_macs; compress_rate fixes every width itself")
+    if isinstance(rank, int):
+        check_rank(rank)
+    if rank is None and not amounts:
+        raise UserError("nothing to do: give a rank, a compress rate, a ratio or a target")
+    (decompose_finetune or FineTune()).check("decompose")
+    (prune_finetune or FineTune()).check("prune")
+    if amounts and isinstance(criterion, str):
+        from norton.pruning.criteria import get_criterion  # the registry (and torch): last
+
+        get_criterion(criterion)
+    return amounts
+
+
+def check_compress_output(output_dir: Path | None, *, resume: bool) -> None:
+    """``output_dir`` holds no earlier compression run, unless it is to be resumed."""
+    if output_dir is None:
+        if resume:
+            raise UserError("resume needs the output folder of the run to continue")
+        return
+    if not resume and any((output_dir / stage).exists() for stage in ("decomposed", "pruned")):
+        raise UserError(f"{output_dir} already holds a compression run: pass --resume to continue it "
+                        "or choose another --output")
