@@ -7,7 +7,7 @@ and checks models on it; the few ways of handling one live here once.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -67,3 +67,33 @@ def on_device_of(example_inputs: Any, model: nn.Module) -> Any:
     if isinstance(example_inputs, (tuple, list)):
         return type(example_inputs)(move(value) for value in example_inputs)
     return move(example_inputs)
+
+
+def module_input_shapes(
+    model: nn.Module, names: Iterable[str], example_inputs: Any, *, grad: bool = False, eval_mode: bool = False
+) -> dict[str, torch.Size]:
+    """The input shape each named submodule sees (its first call) on one forward of ``example_inputs``.
+
+    ``grad`` runs the forward with autograd on (as training does); ``eval_mode`` runs it in
+    eval mode (no BatchNorm statistics updated) and restores every module's mode after.
+    """
+    shapes: dict[str, torch.Size] = {}
+
+    def recorder(name: str) -> Callable[[nn.Module, tuple], None]:
+        def hook(module: nn.Module, args: tuple) -> None:  # returns None: the input is left alone
+            shapes.setdefault(name, args[0].shape)
+        return hook
+
+    handles = [model.get_submodule(name).register_forward_pre_hook(recorder(name)) for name in names]
+    modes = {module: module.training for module in model.modules()}
+    try:
+        if eval_mode:
+            model.eval()
+        with torch.set_grad_enabled(grad):
+            call_model(model, example_inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, training in modes.items():
+            module.training = training
+    return shapes

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from norton.complexity import conv2d_macs, cpd_block_macs
 from norton.decomposition.cpd_block import CPDBlock, check_decomposable, conv_padding
 from norton.errors import UserError
+from norton.example_inputs import module_input_shapes
 from norton.limits import MAX_RANK, check_int, check_rank
 from norton.plan import PlanOperation, append_record, record_original, register_operation
 
@@ -157,7 +158,9 @@ def decompose(
                 check_rank(value, f"rank for layer {name!r}", in_channels=conv.in_channels,
                            kernel_size=conv.kernel_size)
             chosen_ranks[name] = value
-    input_shapes = _capture_input_shapes(model, convs, example_inputs) if example_inputs is not None else {}
+    input_shapes = (
+        module_input_shapes(model, convs, example_inputs, eval_mode=True) if example_inputs is not None else {}
+    )
     record_original(model)
 
     report: list[LayerDecomposition] = []
@@ -326,27 +329,6 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
-
-
-def _capture_input_shapes(
-    model: nn.Module, convs: Mapping[str, nn.Conv2d], example_inputs: Tensor | tuple[Tensor, ...]
-) -> dict[str, torch.Size]:
-    shapes: dict[str, torch.Size] = {}
-    handles = [
-        conv.register_forward_hook(lambda m, args, out, name=name: shapes.__setitem__(name, args[0].shape))
-        for name, conv in convs.items()
-    ]
-    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(*inputs)
-    finally:
-        model.train(was_training)
-        for handle in handles:
-            handle.remove()
-    return shapes
 
 
 def _conv_macs(conv: nn.Conv2d, input_shape: torch.Size | None) -> int | None:

@@ -10,7 +10,7 @@ on identical shapes are timed once. With ``measure=False`` a deterministic rule 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 
 import torch
@@ -21,33 +21,13 @@ from norton.decomposition.cpd_block import CPDBlock
 from norton.deploy._helpers import memory_format, set_submodule, to_memory_format
 from norton.deploy.forms import build_form, set_training_form
 from norton.deploy.timing import compare_callables
+from norton.example_inputs import module_input_shapes
 
 # measure=False rule: a dense conv sustains a few times more MACs/s than a depthwise
 # pipeline (see docs/speed.md), so it wins unless it needs this many times more MACs.
 DENSE_EFFICIENCY = 3.0
 # Tie-break of the rule among factored forms of equal MACs: the fastest on CPU first.
 _FACTORED_PREFERENCE = ("grouped", "merged", "cpd")
-
-
-def capture_input_shapes(
-    model: nn.Module, modules: Iterable[str], inputs: tuple[Tensor, ...], *, grad: bool = False
-) -> dict[str, torch.Size]:
-    """The input shape each named module sees on one forward of ``inputs``."""
-    shapes: dict[str, torch.Size] = {}
-
-    def recorder(name: str) -> Callable:
-        def hook(module: nn.Module, args: tuple) -> None:  # returns None: the input is left alone
-            shapes.setdefault(name, args[0].shape)
-        return hook
-
-    handles = [model.get_submodule(name).register_forward_pre_hook(recorder(name)) for name in modules]
-    try:
-        with torch.set_grad_enabled(grad):
-            model(*inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return shapes
 
 
 def block_signature(block: CPDBlock) -> tuple:
@@ -65,7 +45,7 @@ def choose_forms(
 ) -> dict[str, str]:
     """Put ``model`` in memory format ``fmt``, pick each named CPDBlock's form and swap it in."""
     to_memory_format(model, fmt)
-    shapes = capture_input_shapes(model, blocks, inputs)
+    shapes = module_input_shapes(model, blocks, inputs)
     chosen: dict[str, str] = {}
     cache: dict[tuple, str] = {}  # identical layers on identical inputs are timed once
     for name in blocks:

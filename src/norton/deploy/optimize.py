@@ -44,7 +44,6 @@ from norton.deploy._helpers import (
 from norton.deploy.batchnorm import PRODUCERS, find_batchnorm_pairs, fold_batchnorm, fold_structure
 from norton.deploy.choice import (
     block_signature,
-    capture_input_shapes,
     choose_forms,
     fastest_model,
     fastest_training_form,
@@ -58,6 +57,7 @@ from norton.deploy.forms import (
     set_training_form,
 )
 from norton.errors import UserError
+from norton.example_inputs import module_input_shapes
 from norton.limits import check_repeats
 from norton.plan import PlanOperation, append_record, record_original, register_operation
 
@@ -279,7 +279,7 @@ def optimize_for_training(
     blocks = {name: m for name, m in model.named_modules() if is_plain_block(m)}
     if not blocks:
         return {}
-    shapes = capture_input_shapes(model, blocks, as_tuple(example_inputs), grad=True)
+    shapes = module_input_shapes(model, blocks, as_tuple(example_inputs), grad=True)
     chosen: dict[str, str] = {}
     cache: dict[tuple, str] = {}
     for name, block in blocks.items():
