@@ -164,3 +164,20 @@ def check_architecture_kwargs(kwargs: Mapping[str, Any], name: str = "architectu
         raise UserError(
             f"{name} argument compress_rate has {len(rates):,} entries; at most {MAX_COMPRESS_RATE_ENTRIES:,}"
         )
+
+
+def check_split_options(*, limit: int | None = None, val_size: int | None = None) -> None:
+    """``UserError`` for a ``limit`` below 1 or a negative ``val_size`` (``None``: the default)."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise UserError(f"limit must be a positive number of images, got {limit}")
+    if val_size is not None and (isinstance(val_size, bool) or not isinstance(val_size, int) or val_size < 0):
+        raise UserError(f"val_size must be 0 or a positive number of images, got {val_size}")
+
+
+def check_loader_options(*, batch_size: int, workers: int = 0) -> None:
+    """``UserError`` unless ``1 <= batch_size <= MAX_BATCH_SIZE`` and ``workers >= 0`` (whole numbers)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UserError(f"batch_size must be at least 1, got {batch_size}")
+    check_batch_size(batch_size, "batch_size")  # and at most MAX_BATCH_SIZE
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise UserError(f"workers must be 0 or more, got {workers}")

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from norton.compress_arguments import FineTune, check_compress_arguments, check_compress_output
 from norton.errors import UserError
-from norton.limits import check_batch_size, check_epochs, check_int, check_learning_rate
+from norton.limits import check_epochs, check_int, check_learning_rate, check_loader_options, check_split_options
 from norton.training import DATASETS
 
 if TYPE_CHECKING:  # torch is imported once the arguments are checked: a typo costs no import time
@@ -130,21 +130,19 @@ def run_compression(
         raise UserError("give a model file (a trained baseline) or an architecture to train here first")
     if model_file is not None and not Path(model_file).expanduser().is_file():
         raise UserError(f"checkpoint {Path(model_file).expanduser()} not found: check the path")
+    epochs = 1 if baseline_epochs is None else check_epochs(baseline_epochs, "baseline_epochs", minimum=1)
+    check_learning_rate(baseline_lr, "baseline learning rate")
+    check_loader_options(batch_size=batch_size, workers=workers)
+    check_split_options(limit=limit, val_size=val_size)
+    if train_limit is not None:
+        check_int(train_limit, "train_limit")
+    if dataset is not None and splits is None and dataset not in DATASETS:
+        raise UserError(f"unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}")
+    # Last of the checks: a pruning criterion is looked up in its registry, which imports torch.
     amounts = check_compress_arguments(
         rank=rank, compress_rate=compress_rate, ratio=ratio, target_macs=target_macs, criterion=criterion,
         round_to=round_to, order=order, decompose_finetune=decompose_finetune, prune_finetune=prune_finetune,
     )
-    epochs = 1 if baseline_epochs is None else check_epochs(baseline_epochs, "baseline_epochs", minimum=1)
-    check_learning_rate(baseline_lr, "baseline learning rate")
-    check_batch_size(batch_size, "batch_size")
-    check_int(workers, "workers", minimum=0)
-    for count, label in ((limit, "limit"), (train_limit, "train_limit")):
-        if count is not None:
-            check_int(count, label)
-    if val_size is not None:
-        check_int(val_size, "val_size", minimum=0)
-    if dataset is not None and splits is None and dataset not in DATASETS:
-        raise UserError(f"unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}")
     output = Path(output_dir).expanduser()
     check_compress_output(output, resume=resume)
     # Only now the library (and torch) is imported.

@@ -12,10 +12,11 @@ from typing import Any
 from norton.cli import _options as options
 from norton.errors import UserError
 from norton.io import json_text
+from norton.limits import check_loader_options, check_split_options
 from norton.serialization import load_model_file
-from norton.training.datasets import build_datasets, check_split_options
+from norton.training.datasets import build_datasets
 from norton.training.distributed import resolve_device
-from norton.training.loaders import build_loaders, check_loader_options
+from norton.training.loaders import build_loaders
 from norton.training.loop import evaluate
 from norton.workflow import check_model_fits, default_dataset
 

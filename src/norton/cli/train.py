@@ -18,12 +18,13 @@ from torch import nn
 from norton.cli import _options as options
 from norton.errors import UserError
 from norton.io import json_text
+from norton.limits import check_loader_options, check_split_options
 from norton.models import create_model
 from norton.serialization import load_model_file
 from norton.training.checkpoint import check_output_dir
-from norton.training.datasets import build_datasets, check_split_options
+from norton.training.datasets import build_datasets
 from norton.training.distributed import DistributedContext, cleanup_distributed, init_distributed, seed_everything
-from norton.training.loaders import build_loaders, check_loader_options
+from norton.training.loaders import build_loaders
 from norton.training.loop import fit
 from norton.training.recipes import TrainingRecipe, recipe_for
 from norton.workflow import check_model_fits, default_dataset

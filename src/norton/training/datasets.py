@@ -29,11 +29,12 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from norton.errors import UserError
+from norton.limits import check_split_options
 from norton.training.readers import read_cifar, read_fashion_mnist, read_image_folders
 from norton.training.transforms import DATASETS, STATS, build_transforms, check_dataset_name
 
 __all__ = ["DATASETS", "DataSplits", "ImageSet", "TensorImageDataset", "TransformedSubset", "build_datasets",
-           "check_split_options", "split_indices", "synthetic_images"]
+           "split_indices", "synthetic_images"]
 
 # Held-out validation images taken from the training set when val_size is None.
 _DEFAULT_VAL_SIZE = {"cifar10": 5000, "cifar100": 5000, "imagenet": 10000, "fashion-mnist": 5000, "synthetic": 500}
@@ -127,14 +128,6 @@ class TransformedSubset(Dataset):
     def targets(self) -> list[int]:
         base_targets = torch.as_tensor(self.base.targets)  # (N_base,)
         return base_targets[self.indices].tolist()
-
-
-def check_split_options(*, limit: int | None = None, val_size: int | None = None) -> None:
-    """``UserError`` for a ``limit`` below 1 or a negative ``val_size`` (``None``: the default)."""
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise UserError(f"limit must be a positive number of images, got {limit}")
-    if val_size is not None and (isinstance(val_size, bool) or not isinstance(val_size, int) or val_size < 0):
-        raise UserError(f"val_size must be 0 or a positive number of images, got {val_size}")
 
 
 def split_indices(n: int, val_size: int, *, seed: int) -> tuple[Tensor, Tensor]:

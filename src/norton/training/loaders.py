@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from norton.errors import UserError
+from norton.limits import check_loader_options
 from norton.training.datasets import DataSplits
 from norton.training.distributed import rank_and_world
 
@@ -40,14 +40,6 @@ class ShardSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return len(range(self.rank, self.n, self.world_size))
-
-
-def check_loader_options(*, batch_size: int, workers: int = 0) -> None:
-    """``UserError`` unless ``batch_size >= 1`` and ``workers >= 0`` (whole numbers)."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise UserError(f"batch_size must be at least 1, got {batch_size}")
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
-        raise UserError(f"workers must be 0 or more, got {workers}")
 
 
 def build_loaders(
