@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from norton.errors import UserError
-from norton.limits import MAX_RECORD_INDICES
+from norton.limits import MAX_RECORD_INDICES, MAX_STEPS, check_int
 from norton.plan import PlanOperation, append_record, record_original, register_operation
 from norton.pruning.surgery import IN, OUT, kept_indices, layer_pruner, side_sizes
 
@@ -98,8 +98,8 @@ def check_prune_record(record: Mapping[str, Any]) -> None:
     if criterion is not None and not isinstance(criterion, str):
         raise UserError(f"prune record's criterion must be a name, got {type(criterion).__name__}")
     steps = record.get("iterative_steps")
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
-        raise UserError(f"prune record's iterative_steps must be a positive integer, got {steps!r}")
+    if steps is not None:
+        check_int(steps, "prune record's iterative_steps", maximum=MAX_STEPS)
 
 
 def replay_prune(model: nn.Module, record: Mapping[str, Any]) -> nn.Module:
