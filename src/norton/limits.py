@@ -181,3 +181,10 @@ def check_loader_options(*, batch_size: int, workers: int = 0) -> None:
     check_batch_size(batch_size, "batch_size")  # and at most MAX_BATCH_SIZE
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
         raise UserError(f"workers must be 0 or more, got {workers}")
+
+
+def check_distillation(alpha: Any, temperature: Any) -> tuple[float, float]:
+    """Knowledge distillation's ``alpha`` (the weight of the teacher's term) in ``[0, 1]`` and ``temperature > 0``."""
+    if not _is_number(alpha) or not 0 <= alpha <= 1:
+        raise UserError(f"distillation alpha is the weight of the teacher's term and must lie in [0, 1], got {alpha!r}")
+    return float(alpha), check_finite(temperature, "distillation temperature", positive=True)

@@ -8,7 +8,8 @@ Plain functions in the style of torchvision's classification reference:
   weight decay, a per-iteration linear warm-up then cosine schedule), selects the best
   epoch on the validation split, writes ``metrics.jsonl``, ``last.pt`` and ``best.pt`` to
   ``output_dir``, resumes from ``last.pt``, stops when training diverges, and finally
-  evaluates the best model on the test split.
+  evaluates the best model on the test split. Given a ``teacher``, ``fit`` trains with the
+  knowledge-distillation loss of :mod:`norton.training.distillation` instead of cross-entropy.
 
 Distributed data parallel: launch with ``torchrun`` and call
 :func:`~norton.training.distributed.init_distributed` before building the loaders; ``fit``
@@ -47,6 +48,7 @@ from norton.training.checkpoint import (
     rng_state,
     set_rng_state,
 )
+from norton.training.distillation import Distillation, distillation_loss, prepare_teacher
 from norton.training.distributed import (
     broadcast_buffers,
     epoch_seed,
@@ -96,12 +98,15 @@ def train_one_epoch(
     device: torch.device | str,
     scaler: torch.amp.GradScaler | None = None,
     label_smoothing: float = 0.0,
+    distillation: Distillation | None = None,
     progress: bool = True,
     desc: str = "train",
 ) -> Metrics:
     """One pass over ``loader``; the scheduler steps after every batch.
 
     Mixed precision (float16 autocast) runs when ``scaler`` is given and enabled.
+    With a ``distillation`` (its teacher in eval mode on ``device``: see :func:`fit`), the loss is
+    :func:`~norton.training.distillation.distillation_loss`; the teacher runs once per batch, without gradients.
     Returns ``{"loss", "top1", "top5", "samples", "lr"}`` over the (augmented)
     training batches, summed over ranks in a distributed run; ``lr`` is the
     learning rate of the last step.
@@ -118,8 +123,15 @@ def train_one_epoch(
         images = images.to(device, non_blocking=True)
         target = target.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-            logits = model(images)
-            loss = criterion(logits, target)
+            if distillation is None:
+                logits = model(images)
+                loss = criterion(logits, target)
+            else:
+                with torch.no_grad():
+                    teacher_logits = distillation.teacher(images)
+                logits = model(images)
+                loss = distillation_loss(logits, teacher_logits, target, alpha=distillation.alpha,
+                                         temperature=distillation.temperature, label_smoothing=label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None and amp:
             scaler.scale(loss).backward()
@@ -207,6 +219,7 @@ class _Run:
     device: torch.device
     recipe: TrainingRecipe  # as run (``amp`` off without CUDA)
     settings: dict[str, Any]  # what a resume must match: the recipe, seed, steps per epoch, world size
+    distillation: Distillation | None  # its teacher in eval mode on ``device``, never wrapped in DDP
     optimizer: torch.optim.SGD
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
@@ -237,6 +250,9 @@ def fit(
     warmup_start_factor: float | None = None,
     label_smoothing: float | None = None,
     amp: bool | None = None,
+    teacher: nn.Module | None = None,
+    distill_alpha: float | None = None,
+    distill_temperature: float | None = None,
     device: str | torch.device = "auto",
     output_dir: str | os.PathLike | None = None,
     resume: bool = False,
@@ -253,6 +269,10 @@ def fit(
         epochs, lr, momentum, weight_decay, warmup_epochs, warmup_start_factor, label_smoothing, amp:
             the recipe's fields; given alone (``epochs`` and ``lr`` at least) they make the recipe,
             given with ``recipe`` they override it. ``amp`` on a CPU is ignored with a warning.
+        teacher, distill_alpha, distill_temperature: knowledge distillation (:mod:`norton.training.distillation`):
+            the teacher is moved to the model's device, put in eval mode and run once per training batch
+            without gradients; the training loss becomes ``distill_alpha * T^2 * KL + (1 - distill_alpha) * CE``
+            (the recipe's fields, stored in the checkpoints). Validation and test metrics stay plain.
         output_dir: where ``metrics.jsonl``, ``last.pt``, ``best.pt`` and ``result.json`` go
             (nothing is written when ``None``). A folder that already holds ``last.pt`` is
             only reused with ``resume=True``.
@@ -276,12 +296,13 @@ def fit(
     """
     overrides = {"epochs": epochs, "lr": lr, "momentum": momentum, "weight_decay": weight_decay,
                  "warmup_epochs": warmup_epochs, "warmup_start_factor": warmup_start_factor,
-                 "label_smoothing": label_smoothing, "amp": amp}
+                 "label_smoothing": label_smoothing, "amp": amp, "distill_alpha": distill_alpha,
+                 "distill_temperature": distill_temperature}
     recipe = _make_recipe(recipe, overrides)
     started = time.perf_counter()
     out = Path(output_dir).expanduser() if output_dir is not None else None
     check_output_dir(out, resume=resume)  # before anything is moved or allocated
-    run = _prepare(model, loaders, recipe, device=device, out=out, seed=seed, args=args)
+    run = _prepare(model, loaders, recipe, device=device, out=out, seed=seed, args=args, teacher=teacher)
     if resume:
         _resume_state(run)
     elif run.log_dir is not None:
@@ -308,9 +329,9 @@ def _make_recipe(recipe: TrainingRecipe | None, overrides: Mapping[str, Any]) ->
 
 def _prepare(
     model: nn.Module, loaders: Loaders, recipe: TrainingRecipe, *, device: str | torch.device,
-    out: Path | None, seed: int, args: Mapping[str, Any] | None,
+    out: Path | None, seed: int, args: Mapping[str, Any] | None, teacher: nn.Module | None = None,
 ) -> _Run:
-    """Place the model, wrap it for DDP, and build the optimiser, schedule and gradient scaler."""
+    """Place the model (and teacher), wrap the model for DDP, and build the optimiser, schedule and gradient scaler."""
     steps_per_epoch = len(loaders.train)
     if steps_per_epoch == 0:
         raise UserError("the training split is empty: check --limit and --val_size")
@@ -320,6 +341,8 @@ def _prepare(
         recipe = recipe.replace(amp=False)
     rank, world = rank_and_world()
     model_without_ddp = model.module if isinstance(model, DistributedDataParallel) else model
+    distillation = None if teacher is None else Distillation(
+        prepare_teacher(teacher, model_without_ddp, device), recipe.distill_alpha, recipe.distill_temperature)
     model_without_ddp.to(device)
     train_model: nn.Module = model_without_ddp
     if world > 1:
@@ -330,9 +353,12 @@ def _prepare(
     scheduler = build_scheduler(optimizer, epochs=recipe.epochs, steps_per_epoch=steps_per_epoch,
                                 warmup_epochs=recipe.warmup_epochs, warmup_start_factor=recipe.warmup_start_factor)
     settings = {**recipe.to_dict(), "seed": seed, "steps_per_epoch": steps_per_epoch, "world_size": world}
+    if teacher is None:  # a run without a teacher records no distillation settings (as before they existed)
+        settings.update(distill_alpha=None, distill_temperature=None)
     return _Run(model=model_without_ddp, train_model=train_model, device=device, recipe=recipe, settings=settings,
-                optimizer=optimizer, scheduler=scheduler, scaler=torch.amp.GradScaler("cuda", enabled=recipe.amp),
-                out=out, rank=rank, args=plain(dict(args or {})))
+                distillation=distillation, optimizer=optimizer, scheduler=scheduler,
+                scaler=torch.amp.GradScaler("cuda", enabled=recipe.amp), out=out, rank=rank,
+                args=plain(dict(args or {})))
 
 
 def _resume_state(run: _Run) -> None:
@@ -341,6 +367,11 @@ def _resume_state(run: _Run) -> None:
         raise UserError("resume needs the output folder of the run to continue")
     path = run.out / "last.pt"
     checkpoint = load_checkpoint(path)
+    distilled = checkpoint["recipe"].get("distill_alpha") is not None
+    if distilled != (run.distillation is not None):
+        was, now = ("with", "without") if distilled else ("without", "with")
+        raise UserError(f"cannot resume {path}: it was trained {was} a teacher (knowledge distillation), now {now}; "
+                        "rerun with the original settings or start a new --output")
     check_same_recipe(checkpoint["recipe"], run.settings, path)
     try:
         run.model.load_state_dict(checkpoint["model"]["state_dict"])
@@ -366,8 +397,8 @@ def _run_epoch(run: _Run, loaders: Loaders, epoch: int, *, progress: bool) -> di
     seed_everything(epoch_seed(run.settings["seed"], epoch, run.rank))
     loaders.train_sampler.set_epoch(epoch)
     train = train_one_epoch(run.train_model, loaders.train, run.optimizer, run.scheduler, device=run.device,
-                            scaler=run.scaler, label_smoothing=recipe.label_smoothing, progress=progress,
-                            desc=f"epoch {epoch}/{recipe.epochs}")
+                            scaler=run.scaler, label_smoothing=recipe.label_smoothing, distillation=run.distillation,
+                            progress=progress, desc=f"epoch {epoch}/{recipe.epochs}")
     val = None
     if math.isfinite(train["loss"]):
         broadcast_buffers(run.model)
@@ -375,7 +406,8 @@ def _run_epoch(run: _Run, loaders: Loaders, epoch: int, *, progress: bool) -> di
             val = evaluate(run.model, loaders.val, device=run.device, amp=recipe.amp)
     record = {
         "kind": "epoch", "epoch": epoch, "lr": train["lr"],
-        "train_loss": train["loss"], "train_top1": train["top1"], "train_samples": train["samples"],
+        "train_loss": train["loss"], "train_loss_kind": "cross_entropy" if run.distillation is None else "distillation",
+        "train_top1": train["top1"], "train_samples": train["samples"],
         **{f"val_{key}": None if val is None else val[key] for key in ("loss", "top1", "top5", "samples")},
     }
     reason = _divergence(train, val, run.model)
@@ -464,7 +496,8 @@ def _cpu_state(model: nn.Module) -> dict[str, Tensor]:
 
 def _format_epoch(record: Mapping[str, Any], epochs: int) -> str:
     line = (f"epoch {record['epoch']}/{epochs}  lr {record['lr']:.4g}  "
-            f"train loss {record['train_loss']:.4f} acc {record['train_top1']:.2f}")
+            f"train {'KD ' if record.get('train_loss_kind') == 'distillation' else ''}loss {record['train_loss']:.4f} "
+            f"acc {record['train_top1']:.2f}")
     if record["val_top1"] is not None:
         line += (f"  val loss {record['val_loss']:.4f} Acc@1 {record['val_top1']:.2f} Acc@5 {record['val_top5']:.2f}"
                  f"  best {record['best_val_top1']:.2f} (epoch {record['best_epoch']})")

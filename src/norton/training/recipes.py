@@ -12,19 +12,24 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from norton.errors import UserError
-from norton.limits import check_epochs, check_finite, check_learning_rate
+from norton.limits import check_distillation, check_epochs, check_finite, check_learning_rate
 
 if TYPE_CHECKING:  # torch is imported where an optimiser is built: the CLI reads RECIPES without it
     import torch
     from torch import nn
 
 STAGES = ("train", "finetune")
+# Knowledge distillation's defaults (docs/training.md says why): equal weight to the teacher
+# and the labels, and a temperature that softens the teacher's scores without flattening them.
+DISTILL_ALPHA = 0.5
+DISTILL_TEMPERATURE = 4.0
 
 
 @dataclass(frozen=True)
 class TrainingRecipe:
     """How :func:`norton.training.loop.fit` trains: SGD with momentum and weight decay, a per-iteration
-    linear warm-up then cosine schedule, optional label smoothing and mixed precision.
+    linear warm-up then cosine schedule, optional label smoothing and mixed precision, and (with a
+    teacher) the weight and temperature of knowledge distillation.
     """
 
     epochs: int  # passes over the training split, numbered from 1
@@ -35,6 +40,9 @@ class TrainingRecipe:
     warmup_start_factor: float = 0.01  # the warm-up starts at this fraction of lr, in (0, 1]
     label_smoothing: float = 0.0  # of the training loss only (evaluation uses plain cross-entropy), in [0, 1)
     amp: bool = False  # float16 autocast with a gradient scaler; CUDA only
+    # Knowledge distillation, used only when fit() is given a teacher (norton.training.distillation):
+    distill_alpha: float = DISTILL_ALPHA  # weight of the teacher's (KL) term, 1 - alpha of the labels'; in [0, 1]
+    distill_temperature: float = DISTILL_TEMPERATURE  # softmax temperature T > 0
 
     def __post_init__(self) -> None:
         check_epochs(self.epochs, "epochs", minimum=1)
@@ -50,6 +58,7 @@ class TrainingRecipe:
             raise UserError(f"label smoothing must lie in [0, 1), got {self.label_smoothing!r}")
         if not isinstance(self.amp, bool):
             raise UserError(f"amp must be True or False, got {self.amp!r}")
+        check_distillation(self.distill_alpha, self.distill_temperature)
 
     def replace(self, **changes: Any) -> TrainingRecipe:
         """A copy with ``changes`` applied; ``None`` values leave a field as it is."""
