@@ -235,3 +235,46 @@ def test_amp_on_cpu_warns_and_trains_in_float32(loaders):
     with pytest.warns(UserWarning, match="amp"):
         result = fit(tiny_cnn(), loaders, epochs=1, lr=0.05, amp=True, device="cpu", verbose=False)
     assert math.isfinite(result.history[0]["train_loss"])
+
+
+def frozen_teacher() -> nn.Module:
+    return tiny_cnn(seed=5).eval()
+
+
+def test_a_distilled_run_resumes_to_the_result_of_an_uninterrupted_one(loaders, tmp_path):
+    settings = {"epochs": 3, "lr": 0.05, "seed": 7, "verbose": False, "distill_alpha": 0.7, "distill_temperature": 3.0}
+    straight = tiny_cnn(seed=0)
+    expected = fit(straight, loaders, output_dir=tmp_path / "straight", teacher=frozen_teacher(), **settings)
+    plain = fit(tiny_cnn(seed=0), loaders, **{**settings, "distill_alpha": None, "distill_temperature": None})
+    assert expected.history[0]["train_loss"] != plain.history[0]["train_loss"]  # the teacher changed the loss
+    assert load_checkpoint(tmp_path / "straight" / "last.pt")["recipe"]["distill_alpha"] == 0.7
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(tiny_cnn(seed=0), loaders, output_dir=tmp_path / "killed", teacher=frozen_teacher(),
+            callbacks=[StopAfter(1)], **settings)
+    resumed = tiny_cnn(seed=123)
+    result = fit(resumed, loaders, output_dir=tmp_path / "killed", resume=True, teacher=frozen_teacher(), **settings)
+    for key, value in straight.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=1e-6)
+    strip = lambda history: [{k: v for k, v in r.items() if k != "seconds"} for r in history]  # noqa: E731
+    assert strip(result.history) == strip(expected.history) and result.test == expected.test
+
+
+def test_a_distilled_run_resumes_only_with_the_same_teacher_settings(loaders, tmp_path):
+    fit(tiny_cnn(), loaders, epochs=1, lr=0.05, teacher=frozen_teacher(), distill_temperature=2.0,
+        output_dir=tmp_path / "kd", verbose=False)
+    common = {"epochs": 1, "lr": 0.05, "resume": True, "verbose": False}
+    with pytest.raises(UserError, match=r"^cannot resume .*: it was started with distill_temperature=2.0, now "
+                                        r"distill_temperature=4.0; rerun with the original settings"):
+        fit(tiny_cnn(), loaders, teacher=frozen_teacher(), output_dir=tmp_path / "kd", **common)
+    with pytest.raises(UserError, match="started with distill_alpha=0.5, now distill_alpha=0.9"):
+        fit(tiny_cnn(), loaders, teacher=frozen_teacher(), distill_alpha=0.9, distill_temperature=2.0,
+            output_dir=tmp_path / "kd", **common)
+    with pytest.raises(UserError, match=r"it was trained with a teacher \(knowledge distillation\), now without"):
+        fit(tiny_cnn(), loaders, distill_temperature=2.0, output_dir=tmp_path / "kd", **common)
+    fit(tiny_cnn(), loaders, epochs=1, lr=0.05, output_dir=tmp_path / "plain", verbose=False)
+    with pytest.raises(UserError, match="it was trained without a teacher .*, now with"):
+        fit(tiny_cnn(), loaders, teacher=frozen_teacher(), output_dir=tmp_path / "plain", **common)
+    # a run without a teacher records no distillation settings, so other values do not block its resume
+    assert load_checkpoint(tmp_path / "plain" / "last.pt")["recipe"]["distill_alpha"] is None
+    fit(tiny_cnn(), loaders, distill_alpha=0.1, output_dir=tmp_path / "plain", **common)
