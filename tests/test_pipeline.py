@@ -116,6 +116,11 @@ def test_a_target_the_decomposition_already_meets_prunes_nothing(tiny_loaders):
         ({"rank": None, "ratio": 0.2, "prune_finetune": FineTune(lr=math.inf)}, "prune fine-tuning learning rate"),
         ({"rank": None, "ratio": 0.2, "prune_finetune": FineTune(epochs=-1)}, "prune fine-tuning epochs"),
         ({"rank": None, "ratio": 0.2, "prune_finetune": FineTune(momentum=math.nan)}, "prune fine-tuning: momentum"),
+        ({"rank": 2, "decompose_finetune": FineTune(distill=True, distill_alpha=1.5)},
+         r"decompose fine-tuning: distillation alpha .* must lie in \[0, 1\], got 1.5"),
+        ({"rank": 2, "decompose_finetune": FineTune(epochs=0, distill_temperature=0.0)},
+         "decompose fine-tuning: distillation temperature must be positive"),
+        ({"rank": 2, "decompose_finetune": FineTune(distill="yes")}, "distill must be True or False"),
         ({"rank": None, "ratio": 0.2, "criterion": "nope"}, "nope"),
         ({"rank": None, "ratio": 0.2, "round_to": 0}, "round_to"),
         ({"rank": 2, "input_size": (3, 100_000, 100_000)}, "too large"),
@@ -144,3 +149,38 @@ def test_amounts_are_checked_and_returned_in_their_canonical_form():
     assert check_compress_arguments(compress_rate=None, ratio=None, target_macs=1, **common) == {"target_macs": 1.0}
     assert check_compress_arguments(compress_rate=None, ratio={"layer1.*": 0.5}, target_macs=None, **common) == {
         "ratio": {"layer1.*": 0.5}}
+
+
+def test_distilling_stages_learn_from_the_uncompressed_input_model(tiny_loaders, monkeypatch):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(  # small: the test runs two fine-tunings
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 10)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        uncompressed = model(x)
+    calls = []
+    real_fit = pipeline.fit
+
+    def spy(*args, **kwargs):
+        result = real_fit(*args, **kwargs)
+        calls.append((kwargs, result))
+        return result
+
+    monkeypatch.setattr(pipeline, "fit", spy)
+    kd = FineTune(epochs=1, lr=0.01, distill=True, distill_alpha=0.8, distill_temperature=2.0)
+    result = compress(
+        model, tiny_loaders, input_size=(3, 32, 32), rank=2, ratio=0.5, criterion="l1", decompose_finetune=kd,
+        prune_finetune=ONE_EPOCH, device="cpu", progress=False, log=lambda m: None,
+    )
+    (decomposed, decomposed_fit), (pruned, pruned_fit) = calls  # the decomposition's fine-tuning distils
+    teacher = decomposed["teacher"]
+    assert pruned["teacher"] is None and teacher is not model and teacher is not result.model
+    assert (decomposed["distill_alpha"], decomposed["distill_temperature"]) == (0.8, 2.0)
+    assert not any(isinstance(m, norton.CPDBlock) for m in teacher.modules())  # taken before the first stage
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(teacher.to("cpu")(x), uncompressed)
+    assert decomposed_fit.history[0]["train_loss_kind"] == "distillation"
+    assert pruned_fit.history[0]["train_loss_kind"] == "cross_entropy"

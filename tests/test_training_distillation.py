@@ -29,10 +29,10 @@ def softmax(row: list[float], temperature: float) -> list[float]:
 def test_the_loss_equals_the_hand_computed_value_on_a_two_by_three_example():
     alpha, t = 0.25, 2.0
     # KL(p_teacher || p_student) per row at T = 2, averaged over the 2 rows (batchmean).
-    kl = sum(sum(pt * math.log(pt / ps) for pt, ps in zip(softmax(te, t), softmax(st, t)))
-             for st, te in zip(STUDENT, TEACHER)) / 2
+    kl = sum(sum(pt * math.log(pt / ps) for pt, ps in zip(softmax(te, t), softmax(st, t), strict=True))
+             for st, te in zip(STUDENT, TEACHER, strict=True)) / 2
     # Cross-entropy of the student at T = 1 on the targets, averaged.
-    ce = sum(-math.log(softmax(st, 1.0)[y]) for st, y in zip(STUDENT, TARGETS)) / 2
+    ce = sum(-math.log(softmax(st, 1.0)[y]) for st, y in zip(STUDENT, TARGETS, strict=True)) / 2
     expected = alpha * t**2 * kl + (1 - alpha) * ce
     # The same numbers worked out on paper: row 1's KL 0.5185, row 2's 0.1232; CE log(1 + 1/e + 1/e^2) and log 3.
     assert kl == pytest.approx((0.5185 + 0.1232) / 2, abs=1e-3)

@@ -15,6 +15,7 @@ from typing import Any
 
 from norton.errors import UserError
 from norton.limits import (
+    check_distillation,
     check_epochs,
     check_learning_rate,
     check_rank,
@@ -22,14 +23,18 @@ from norton.limits import (
     check_round_to,
     check_target_macs,
 )
-from norton.training.recipes import check_recipe
+from norton.training.recipes import DISTILL_ALPHA, DISTILL_TEMPERATURE, check_recipe
 
 ORDERS = ("decompose-prune", "prune-decompose")
 
 
 @dataclass
 class FineTune:
-    """Fine-tuning recipe of one stage (``epochs=0`` skips it)."""
+    """Fine-tuning recipe of one stage (``epochs=0`` skips it).
+
+    With ``distill=True`` the stage distils from the uncompressed input model (its teacher) at
+    ``distill_alpha`` and ``distill_temperature`` (:mod:`norton.training.distillation`).
+    """
 
     epochs: int = 1
     lr: float = 0.01
@@ -38,6 +43,9 @@ class FineTune:
     warmup_epochs: float = 0.0
     label_smoothing: float = 0.0
     amp: bool = False
+    distill: bool = False
+    distill_alpha: float = DISTILL_ALPHA
+    distill_temperature: float = DISTILL_TEMPERATURE
 
     def check(self, stage: str) -> FineTune:
         """``self``, or a one-line ``UserError`` naming ``stage`` for a setting :func:`fit` cannot use.
@@ -46,6 +54,12 @@ class FineTune:
         """
         check_epochs(self.epochs, f"{stage} fine-tuning epochs", minimum=0)
         check_learning_rate(self.lr, f"{stage} fine-tuning learning rate")
+        if not isinstance(self.distill, bool):
+            raise UserError(f"{stage} fine-tuning: distill must be True or False, got {self.distill!r}")
+        try:
+            check_distillation(self.distill_alpha, self.distill_temperature)
+        except UserError as error:
+            raise UserError(f"{stage} fine-tuning: {error}") from None
         if self.epochs > 0:
             try:
                 check_recipe(**asdict(self))

@@ -103,7 +103,9 @@ def compress(
         round_to: make every pruned width a multiple of this (``ratio`` and ``target_macs``;
             e.g. 16 for the 16-channel blocks of oneDNN and onnxruntime on AVX-512 CPUs).
         order: ``"decompose-prune"`` (NORTON) or ``"prune-decompose"``.
-        decompose_finetune, prune_finetune: recipes of the two fine-tuning stages.
+        decompose_finetune, prune_finetune: recipes of the two fine-tuning stages. A stage whose
+            recipe has ``distill=True`` distils from the uncompressed ``model`` (a frozen copy taken
+            before the first stage) as its teacher.
         output_dir: where stage folders go; ``None`` writes nothing (no resume).
         resume: continue a killed run in ``output_dir``.
     """
@@ -122,6 +124,9 @@ def compress(
     example = torch.zeros(1, *input_size)
 
     model = copy.deepcopy(model).to("cpu")
+    # Knowledge distillation's teacher: the uncompressed model, frozen before any stage changes its copy.
+    distill = any(f.distill and f.epochs > 0 for f in (decompose_finetune, prune_finetune))
+    teacher = copy.deepcopy(model).eval().requires_grad_(False) if distill else None
     baseline = measure(model, loaders, input_size, device=device, name="baseline")
     model.to("cpu")
     stages = [baseline]
@@ -166,7 +171,7 @@ def compress(
     for name, step, recipe in steps:
         model, record = _run_stage(
             name, model, step, recipe, loaders, input_size, out=out, resume=resume, device=device, seed=seed,
-            progress=progress, log=log,
+            progress=progress, log=log, teacher=teacher if recipe.distill else None,
         )
         stages.append(record)
         channels[name] = output_channels(model)
@@ -196,6 +201,7 @@ def _run_stage(
     seed: int,
     progress: bool,
     log: Callable[[str], None],
+    teacher: nn.Module | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     folder = out / name if out is not None else None
     if resume and folder is not None and (folder / "final.pt").exists():
@@ -223,7 +229,9 @@ def _run_stage(
             fit(
                 model, loaders, epochs=recipe.epochs, lr=recipe.lr, momentum=recipe.momentum,
                 weight_decay=recipe.weight_decay, warmup_epochs=recipe.warmup_epochs,
-                label_smoothing=recipe.label_smoothing, amp=recipe.amp, device=device, output_dir=folder,
+                label_smoothing=recipe.label_smoothing, amp=recipe.amp, teacher=teacher,
+                distill_alpha=recipe.distill_alpha, distill_temperature=recipe.distill_temperature,
+                device=device, output_dir=folder,
                 resume=resume and folder is not None and (folder / "last.pt").exists(), seed=seed,
                 progress=progress, args={"stage": name},
             )
