@@ -6,6 +6,7 @@ A command adds what it needs::
     add_ckpt_option(parser)            # --ckpt
     add_data_options(parser)           # --dataset, --data_dir, --batch_size, --workers, --limit, --val_size, --download
     add_training_options(parser)       # --epochs, --lr, --momentum, --weight_decay, --warmup_epochs, ...
+    add_distillation_options(parser, teacher_file=...)  # --teacher or --distill, --distill-alpha/-temperature
     add_run_options(parser)            # --device, --seed, --output, --json
 
 and then calls the library with explicit arguments (reading model files:
@@ -19,9 +20,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from norton.limits import MAX_RANK, check_int
+from norton.errors import UserError
+from norton.limits import MAX_RANK, check_distillation, check_int
 from norton.training import DATASETS
-from norton.training.recipes import RECIPES
+from norton.training.recipes import DISTILL_ALPHA, DISTILL_TEMPERATURE, RECIPES
 
 # --------------------------------------------------------------------------- options
 
@@ -84,6 +86,23 @@ def add_training_options(parser: argparse.ArgumentParser, *, stage: str = "train
     group.add_argument("--resume", action="store_true", help="continue the run in --output from its last.pt")
 
 
+def add_distillation_options(parser: argparse.ArgumentParser, *, teacher_file: bool) -> None:
+    """``--teacher FILE`` (``teacher_file``) or ``--distill`` (the uncompressed model teaches), with
+    ``--distill-alpha`` and ``--distill-temperature`` (docs/training.md, "Knowledge distillation")."""
+    group = parser.add_argument_group("knowledge distillation",
+                                      "training loss alpha*T^2*KL(teacher || model at T) + (1-alpha)*cross-entropy")
+    if teacher_file:
+        group.add_argument("--teacher", default=None, metavar="FILE",
+                           help="distil from this model file (norton file or training checkpoint, same classes)")
+    else:
+        group.add_argument("--distill", action="store_true",
+                           help="fine-tune every stage with the uncompressed model as teacher")
+    group.add_argument("--distill-alpha", "--distill_alpha", dest="distill_alpha", type=float, default=None,
+                       metavar="A", help=f"weight of the teacher's term, in [0, 1] (default {DISTILL_ALPHA:g})")
+    group.add_argument("--distill-temperature", "--distill_temperature", dest="distill_temperature", type=float,
+                       default=None, metavar="T", help=f"softmax temperature, > 0 (default {DISTILL_TEMPERATURE:g})")
+
+
 def add_run_options(parser: argparse.ArgumentParser, *, output: bool = True, output_help: str | None = None) -> None:
     """``--device``, ``--seed``, ``--json`` and (optionally) ``--output``."""
     parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N (default auto)")
@@ -113,3 +132,16 @@ def rank_option(value: int) -> int | None:
     """``-r``: 0 means no decomposition (``None``); otherwise a rank within :data:`norton.limits.MAX_RANK`."""
     check_int(value, "-r/--rank", minimum=0, maximum=MAX_RANK)
     return value or None
+
+
+def distillation_options(args: argparse.Namespace, *, switch: str, on: bool) -> dict[str, float]:
+    """``{"distill_alpha", "distill_temperature"}`` from the options (defaults filled in), checked;
+    a value given without ``switch`` (``--distill`` or ``--teacher``, ``on`` when given) is refused."""
+    given = [name for name, value in (("--distill-alpha", args.distill_alpha),
+                                      ("--distill-temperature", args.distill_temperature)) if value is not None]
+    if given and not on:
+        raise UserError(f"{given[0]} applies to knowledge distillation: add {switch} or drop it")
+    alpha = DISTILL_ALPHA if args.distill_alpha is None else args.distill_alpha
+    temperature = DISTILL_TEMPERATURE if args.distill_temperature is None else args.distill_temperature
+    alpha, temperature = check_distillation(alpha, temperature)
+    return {"distill_alpha": alpha, "distill_temperature": temperature}
