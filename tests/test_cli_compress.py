@@ -131,6 +131,11 @@ def model_file(tmp_path):
         (["--baseline-epochs", "0", "-r", "2"], "baseline_epochs must be in [1, 100,000], got 0"),
         (["--round-to", "0", "--ratio", "0.2"], "round_to must be in [1, 4,096], got 0"),
         (["--round-to", "8", "-r", "1", "-cpr", "[0.2]*9"], "round_to applies to ratio and target_macs"),
+        (["-r", "2", "--distill-alpha", "0.5"], "--distill-alpha applies to knowledge distillation: add --distill"),
+        (["-r", "2", "--distill-temperature", "2"], "--distill-temperature applies to knowledge distillation"),
+        (["-r", "2", "--distill", "--distill-alpha", "1.5"], "distillation alpha is the weight of the teacher's term "
+                                                            "and must lie in [0, 1], got 1.5"),
+        (["-r", "2", "--distill", "--distill-temperature", "0"], "distillation temperature must be positive, got 0.0"),
     ],
 )
 def test_compress_user_errors_are_one_line_and_come_before_any_work(capsys, tmp_path, no_work, extra, expected):
@@ -138,6 +143,37 @@ def test_compress_user_errors_are_one_line_and_come_before_any_work(capsys, tmp_
                                   "--output", str(tmp_path / "x"), *QUICK, *extra])
     assert expected in err
     assert not (tmp_path / "x").exists()
+
+
+def test_compress_passes_distillation_to_both_fine_tuning_stages(capsys, monkeypatch):
+    import norton.cli.compress
+    from norton.compress_arguments import FineTune
+
+    calls = []
+    monkeypatch.setattr(norton.cli.compress, "run_compression", lambda **kwargs: calls.append(kwargs) or {})
+    argv = ["compress", "--arch", "resnet_20", "-r", "2", "--ratio", "0.3", "--json", "--finetune-lr", "0.02"]
+    assert main([*argv, "--distill", "--distill-alpha", "0.7", "--distill-temperature", "3"]) == 0
+    assert main(argv) == 0
+    capsys.readouterr()
+    kd = FineTune(epochs=1, lr=0.02, distill=True, distill_alpha=0.7, distill_temperature=3.0)
+    assert calls[0]["decompose_finetune"] == calls[0]["prune_finetune"] == kd
+    assert calls[1]["decompose_finetune"] == FineTune(epochs=1, lr=0.02)  # distill=False by default
+
+
+@pytest.mark.slow
+def test_compress_distill_fine_tunes_with_the_uncompressed_model_as_teacher(tmp_path, capsys):
+    out = tmp_path / "kd"
+    argv = ["compress", "--arch", "resnet_20", "--dataset", "synthetic", "-r", "2", "--distill",
+            "--distill-temperature", "2", "--baseline-epochs", "1", "--decompose-epochs", "1",
+            "--output", str(out), "--json", *QUICK]
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["decompose_finetune"]["distill"] is True
+    assert summary["decompose_finetune"]["distill_temperature"] == 2.0
+    kinds = [json.loads(line).get("train_loss_kind") for line in (out / "decomposed" / "metrics.jsonl").open()]
+    assert kinds == ["distillation", None]  # the epoch, then the test line
+    recipe = torch.load(out / "decomposed" / "last.pt", weights_only=True)["recipe"]
+    assert (recipe["distill_alpha"], recipe["distill_temperature"]) == (0.5, 2.0)
 
 
 @pytest.mark.parametrize(
@@ -221,6 +257,7 @@ def test_demo_with_an_incomplete_data_dir_names_the_missing_file(tmp_path, capsy
     [
         ["prune", "--ckpt", "m.pt", "--ratio", "0.5", "--lr", "nan"],
         ["compress", "--arch", "resnet_20", "--ratio", "1.5"],
+        ["compress", "--arch", "resnet_20", "-r", "2", "--distill", "--distill-alpha", "2"],
         ["decompose", "--ckpt", "m.pt", "-r", "1000000"],
         ["prune", "--ckpt", "missing.pt", "--ratio", "0.5"],
     ],

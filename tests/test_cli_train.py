@@ -9,6 +9,7 @@ import re
 import pytest
 import torch
 
+import norton
 import norton.training.readers as readers
 from _training_files import FASHION_STEMS, make_fashion
 from norton.cli.main import build_parser, main
@@ -183,7 +184,11 @@ def test_a_good_run_writes_strict_json(tmp_path, capsys):
      (["--batch_size", "0"], "batch_size must be at least 1"),
      (["--workers", "-1"], "workers must be 0 or more"),
      (["--limit", "0"], "limit must be a positive number"),
-     (["--val_size", "-2"], "val_size must be 0 or a positive number")],
+     (["--val_size", "-2"], "val_size must be 0 or a positive number"),
+     (["--distill-alpha", "0.5"], "--distill-alpha applies to knowledge distillation: add --teacher FILE or drop it"),
+     (["--teacher", "t.pt", "--distill-alpha", "2"], "distillation alpha is the weight of the teacher's term and "
+                                                      "must lie in [0, 1], got 2.0"),
+     (["--teacher", "t.pt", "--distill-temperature", "-1"], "distillation temperature must be positive, got -1.0")],
 )
 @pytest.mark.parametrize("model", [["--arch", "resnet_20"], ["--ckpt", "{tmp}/missing.pt"]])
 def test_bad_options_are_refused_before_any_file_or_data_is_read(tmp_path, capsys, argv, message, model):
@@ -268,3 +273,32 @@ def test_evaluate_json_is_strict_even_for_a_nan_model(tmp_path, capsys):
     assert main(["evaluate", "--ckpt", str(tmp_path / "nan.pt"), "--limit", "8", "--workers", "0",
                  "--device", "cpu", "--json"]) == 0
     assert strict_json(capsys.readouterr().out)["loss"] is None
+
+
+def test_train_distils_from_a_teacher_file_and_refuses_a_teacher_of_other_classes(tmp_path, capsys):
+    assert train(tmp_path) == 0
+    capsys.readouterr()
+    best = str(tmp_path / "run" / "best.pt")
+    tune = ["train", "--ckpt", best, "--limit", "16", "--batch_size", "8", "--workers", "0", "--device", "cpu",
+            "--epochs", "1", "--output", str(tmp_path / "kd")]
+    assert main([*tune, "--teacher", best, "--distill-alpha", "0.7", "--distill-temperature", "2", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["teacher"] == best
+    assert (summary["recipe"]["distill_alpha"], summary["recipe"]["distill_temperature"]) == (0.7, 2.0)
+    assert [record["train_loss_kind"] for record in summary["history"]] == ["distillation"]
+    last = torch.load(tmp_path / "kd" / "last.pt", weights_only=True)
+    assert (last["recipe"]["distill_alpha"], last["args"]["teacher"]) == (0.7, best)
+    # resuming with another temperature is refused in one line
+    assert main([*tune, "--teacher", best, "--distill-alpha", "0.7", "--resume"]) == 2
+    assert "started with distill_temperature=2.0, now distill_temperature=4.0" in last_error(capsys)
+
+    # a teacher with 100 classes for a 10-class student: one line, before any training
+    other = tmp_path / "other.pt"
+    norton.save(create_model("resnet_20", num_classes=100), other)
+    tune[-1] = str(tmp_path / "wrong")
+    assert main([*tune, "--teacher", str(other)]) == 2
+    assert last_error(capsys) == ("norton train: error: the teacher gives scores of shape (2, 100) but the student "
+                                  "(2, 10): distil from a teacher trained on the same classes")
+    assert not (tmp_path / "wrong" / "last.pt").exists()
+    assert main([*tune, "--teacher", str(tmp_path / "missing.pt")]) == 2
+    assert "missing.pt" in last_error(capsys)

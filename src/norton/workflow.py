@@ -114,7 +114,8 @@ def run_compression(
         batch_size, workers: of the data loaders.
         rank, compress_rate, ratio, target_macs, criterion, round_to, order,
         decompose_finetune, prune_finetune: as in :func:`norton.pipeline.compress`
-            (``target_macs`` is a fraction of the original model's MACs).
+            (``target_macs`` is a fraction of the original model's MACs; a ``FineTune(distill=True)``
+            stage distils from the model read from ``model_file``, or the baseline trained here).
         resume: continue a killed run in ``output_dir``.
         measure_latency: time both models on the CPU (batch 1 and 32) for the report.
         title: the command named in the summary.

@@ -7,6 +7,10 @@ As in the paper::
 or by a MACs budget for any model::
 
     norton compress --arch torchvision.resnet18 --dataset imagenet -r 8 --target-macs 0.5 ...
+
+with the uncompressed model teaching every fine-tuning stage (knowledge distillation)::
+
+    norton compress ... --distill --distill-alpha 0.5 --distill-temperature 4
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "compressed.pt). Resumable with --resume.",
     )
     add_compression_options(parser)
+    options.add_distillation_options(parser, teacher_file=False)
     options.add_model_options(parser)
     options.add_ckpt_option(parser, help="the trained baseline (norton file or training checkpoint); "
                                          "without it --arch is trained for --baseline-epochs first")
@@ -73,14 +78,16 @@ def add_round_to_option(parser: argparse.ArgumentParser | argparse._ArgumentGrou
 def run(args: argparse.Namespace) -> int:
     if args.arch is None and args.ckpt is None:
         raise UserError("give --ckpt (a trained baseline) or --arch (trained here for --baseline-epochs)")
+    distill: dict[str, Any] = options.distillation_options(args, switch="--distill", on=args.distill)
+    distill["distill"] = args.distill
     summary = run_compression(
         model_file=args.ckpt, arch=args.arch, dataset=args.dataset, data_dir=args.data_dir, limit=args.limit,
         val_size=args.val_size, download=args.download, batch_size=args.batch_size, workers=args.workers,
         rank=options.rank_option(args.rank), compress_rate=args.compress_rate, ratio=args.ratio,
         target_macs=args.target_macs, criterion=args.criterion, round_to=args.round_to, order=args.order,
         baseline_epochs=args.baseline_epochs, baseline_lr=args.lr,
-        decompose_finetune=FineTune(epochs=args.decompose_epochs, lr=args.finetune_lr),
-        prune_finetune=FineTune(epochs=args.prune_epochs, lr=args.finetune_lr),
+        decompose_finetune=FineTune(epochs=args.decompose_epochs, lr=args.finetune_lr, **distill),
+        prune_finetune=FineTune(epochs=args.prune_epochs, lr=args.finetune_lr, **distill),
         output_dir=args.output or default_output(args.arch, args.ckpt), resume=args.resume, device=args.device,
         seed=args.seed, progress=args.progress, title="norton compress", log=None if args.json else say,
     )

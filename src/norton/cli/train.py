@@ -7,12 +7,17 @@ One process::
 Several GPUs (one process each)::
 
     torchrun --nproc_per_node=4 -m norton.cli.main train --arch resnet_50 --dataset imagenet ...
+
+Fine-tuning a compressed model with its uncompressed original as teacher (knowledge distillation)::
+
+    norton train --ckpt compressed.pt --teacher baseline.pt --distill-alpha 0.5 --distill-temperature 4
 """
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
+import torch
 from torch import nn
 
 from norton.cli import _options as options
@@ -23,6 +28,7 @@ from norton.models import create_model
 from norton.serialization import load_model_file
 from norton.training.checkpoint import check_output_dir
 from norton.training.datasets import build_datasets
+from norton.training.distillation import check_teacher
 from norton.training.distributed import DistributedContext, cleanup_distributed, init_distributed, seed_everything
 from norton.training.loaders import build_loaders
 from norton.training.loop import fit
@@ -45,6 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                          "released checkpoint; uses the fine-tuning recipe")
     options.add_data_options(parser)
     options.add_training_options(parser)
+    options.add_distillation_options(parser, teacher_file=True)
     options.add_run_options(parser)
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     parser.set_defaults(func=run)
@@ -54,7 +61,8 @@ def _recipe(args: argparse.Namespace, dataset: str, stage: str) -> TrainingRecip
     """The dataset's recipe for ``stage`` with the options given (``None``: not given)."""
     return recipe_for(dataset, stage=stage, epochs=args.epochs, lr=args.lr, momentum=args.momentum,
                       weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
-                      label_smoothing=args.label_smoothing, amp=args.amp)
+                      label_smoothing=args.label_smoothing, amp=args.amp, distill_alpha=args.distill_alpha,
+                      distill_temperature=args.distill_temperature)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -63,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
     stage = "finetune" if args.ckpt is not None else "train"
     # Typos (--lr nan, --epochs 0, --batch_size 0, ...) fail here, before any file or data is read;
     # the dataset's own recipe is checked again once the dataset is known.
+    options.distillation_options(args, switch="--teacher FILE", on=args.teacher is not None)
     _recipe(args, args.dataset or "cifar10", stage)
     check_split_options(limit=args.limit, val_size=args.val_size)
     check_loader_options(batch_size=args.batch_size, workers=args.workers)
@@ -82,6 +91,7 @@ def _train(args: argparse.Namespace, context: DistributedContext, stage: str) ->
         model, trained_with = load_model_file(args.ckpt, arch=args.arch, rank=args.rank,
                                               compress_rate=args.compress_rate)
         arch = (getattr(model, "norton_architecture", None) or {}).get("name")
+    teacher = None if args.teacher is None else load_model_file(args.teacher)[0]
     dataset = args.dataset or trained_with.get("dataset") or default_dataset(arch)
     arch = arch or "model"
     recipe = _recipe(args, dataset, stage)
@@ -93,14 +103,16 @@ def _train(args: argparse.Namespace, context: DistributedContext, stage: str) ->
         model = create_model(args.arch, compress_rate=args.compress_rate, rank=args.rank,
                              num_classes=splits.num_classes, in_channels=splits.in_channels)
     check_model_fits(model, splits)
+    if teacher is not None:  # one batch through both, before any training
+        check_teacher(teacher, model, torch.zeros(2, *splits.input_size))
     loaders = build_loaders(splits, batch_size=args.batch_size, workers=args.workers, seed=args.seed,
                             pin_memory=context.device.type == "cuda")
     record = {**options.plain_args(args), "dataset": dataset, "arch": arch, "stage": stage}
-    result = fit(model, loaders, recipe, device=context.device, output_dir=output, resume=args.resume,
-                 seed=args.seed, progress=args.progress, args=record)
+    result = fit(model, loaders, recipe, teacher=teacher, device=context.device, output_dir=output,
+                 resume=args.resume, seed=args.seed, progress=args.progress, args=record)
     if not context.is_main:
         return 0
-    summary = {"arch": arch, "dataset": dataset, "stage": stage, "recipe": recipe.to_dict(),
+    summary = {"arch": arch, "dataset": dataset, "stage": stage, "recipe": recipe.to_dict(), "teacher": args.teacher,
                "best_checkpoint": f"{output}/best.pt", **result.to_dict()}
     if args.json:
         print(json_text(summary, indent=2, default=str))
