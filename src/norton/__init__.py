@@ -45,6 +45,8 @@ _EXPORTS = {
     "fit": "norton.training.loop",
     "evaluate": "norton.training.loop",
     "train_one_epoch": "norton.training.loop",
+    "distillation_loss": "norton.training.distillation",
+    "Distillation": "norton.training.distillation",
     "compress": "norton.pipeline",
     "run_compression": "norton.workflow",
     "list_operations": "norton.plan",

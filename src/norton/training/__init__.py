@@ -32,6 +32,8 @@ _EXPORTS = {
     "fit": "norton.training.loop",
     "evaluate": "norton.training.loop",
     "train_one_epoch": "norton.training.loop",
+    "distillation_loss": "norton.training.distillation",
+    "Distillation": "norton.training.distillation",
     "load_checkpoint": "norton.training.checkpoint",
     "model_from_checkpoint": "norton.training.checkpoint",
     "is_training_checkpoint": "norton.training.checkpoint",
