@@ -183,3 +183,15 @@ def test_the_teacher_must_not_be_the_student(loaders):
     student = student_cnn()
     with pytest.raises(UserError, match="the teacher shares weights with the model being trained"):
         fit(student, loaders, epochs=1, lr=0.05, teacher=student, verbose=False)
+
+
+def test_the_loss_is_float32_under_autocast():
+    torch.manual_seed(0)
+    student, teacher = nn.Linear(6, 3), nn.Linear(6, 3)
+    x, targets = torch.randn(4, 6), torch.tensor([0, 1, 2, 0])
+    expected = distillation_loss(student(x), teacher(x), targets, alpha=0.5, temperature=4.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        s, t = student(x), teacher(x)
+        loss = distillation_loss(s, t, targets, alpha=0.5, temperature=4.0)
+    assert s.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(expected.item(), rel=0.05)  # bfloat16 scores: ~3 significant digits
