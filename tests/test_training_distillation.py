@@ -156,7 +156,10 @@ def loaders():
 def test_fit_runs_the_teacher_once_per_training_batch_in_eval_mode_without_gradients(loaders, tmp_path):
     teacher = CountingTeacher()
     running_mean = teacher.net[1].running_mean.clone()
-    result = fit(student_cnn(), loaders, epochs=2, lr=0.05, teacher=teacher, output_dir=tmp_path, verbose=False)
+    result = fit(student_cnn(), loaders, epochs=2, lr=0.05, output_dir=tmp_path, verbose=False,
+                 **Distillation(teacher, alpha=0.3, temperature=2.0).fit_kwargs())
+    recipe = torch.load(tmp_path / "last.pt", weights_only=True)["recipe"]
+    assert (recipe["distill_alpha"], recipe["distill_temperature"]) == (0.3, 2.0)
     batches = len(loaders.train)
     assert teacher.calls == 2 * batches  # never in validation or test: those score the student alone
     assert teacher.images == sum(record["train_samples"] for record in result.history)
