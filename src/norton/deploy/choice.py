@@ -10,16 +10,19 @@ on identical shapes are timed once. With ``measure=False`` a deterministic rule 
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from norton.complexity import cpd_block_macs
+from norton.complexity import conv2d_macs, cpd_block_macs
 from norton.decomposition.cpd_block import CPDBlock
+from norton.decomposition.factorized import FactorizedConv, chain_macs
+from norton.decomposition.low_rank_layers import LowRankLinear
 from norton.deploy._helpers import memory_format, set_submodule, to_memory_format
-from norton.deploy.forms import build_form, set_training_form
+from norton.deploy.forms import build_form, form_of, is_layer_block, set_training_form
 from norton.deploy.timing import compare_callables
 from norton.example_inputs import module_input_shapes
 
@@ -30,8 +33,16 @@ DENSE_EFFICIENCY = 3.0
 _FACTORED_PREFERENCE = ("grouped", "merged", "cpd")
 
 
-def block_signature(block: CPDBlock) -> tuple:
+def block_signature(block: nn.Module) -> tuple:
     """Everything that decides a block's speed apart from its weights (the timing cache key)."""
+    if isinstance(block, LowRankLinear):
+        return ("LowRankLinear", block.in_features, block.out_features, block.rank, block.bias is not None)
+    if isinstance(block, FactorizedConv):
+        return (
+            type(block).__name__, block.in_channels, block.out_channels, block.rank, block.kernel_size, block.stride,
+            block.padding, block.dilation, block.bias is not None, block.padding_mode,
+        )
+    assert isinstance(block, CPDBlock)
     return (
         block.in_channels, block.out_channels, block.rank, block.kernel_size, block.stride, block.padding,
         block.dilation, block.bias is not None, block.padding_mode,
@@ -43,38 +54,49 @@ def choose_forms(
     model: nn.Module, blocks: Sequence[str], inputs: tuple[Tensor, ...], forms: Sequence[str], fmt: str,
     measure: bool, warmup: int, repeats: int,
 ) -> dict[str, str]:
-    """Put ``model`` in memory format ``fmt``, pick each named CPDBlock's form and swap it in."""
+    """Put ``model`` in memory format ``fmt``, pick each named block's form and swap it in.
+
+    ``blocks`` names CPDBlocks and layer-level decomposed blocks; the latter choose between
+    ``"factored"`` and ``"dense"`` (when ``"dense"`` is among ``forms``; only ``"dense"`` if it is all of them).
+    """
     to_memory_format(model, fmt)
     shapes = module_input_shapes(model, blocks, inputs)
     chosen: dict[str, str] = {}
     cache: dict[tuple, str] = {}  # identical layers on identical inputs are timed once
     for name in blocks:
-        block = cast(CPDBlock, model.get_submodule(name))
+        block = model.get_submodule(name)
+        own = form_of(block) or "cpd"
         if name not in shapes:  # never called on the example: keep it as it is
-            chosen[name] = "cpd"
+            chosen[name] = own
             continue
+        candidates = tuple(forms)
+        if is_layer_block(block):
+            candidates = ("dense",) if tuple(forms) == ("dense",) else ("factored", "dense") if "dense" in forms \
+                else ("factored",)
         key = (block_signature(block), tuple(shapes[name]))
         if key not in cache:
             cache[key] = (
-                fastest_form(block, shapes[name], forms, fmt, warmup, repeats)
-                if measure else rule_form(block, shapes[name], forms)
+                fastest_form(block, shapes[name], candidates, fmt, warmup, repeats)
+                if measure else rule_form(block, shapes[name], candidates)
             )
         chosen[name] = cache[key]
     for name, form in chosen.items():
-        if form != "cpd":
-            block = cast(CPDBlock, model.get_submodule(name))
+        block = model.get_submodule(name)
+        if form != form_of(block):
             set_submodule(model, name, to_memory_format(build_form(block, form), fmt))
     return chosen
 
 
 def fastest_form(
-    block: CPDBlock, shape: torch.Size, forms: Sequence[str], fmt: str, warmup: int, repeats: int
+    block: nn.Module, shape: torch.Size, forms: Sequence[str], fmt: str, warmup: int, repeats: int
 ) -> str:
     """Time every form of ``block`` on a random input of ``shape`` (interleaved) and return the fastest."""
     if len(forms) == 1:
         return forms[0]
-    param = block.pointwise.weight
-    x = torch.randn(shape, device=param.device, dtype=param.dtype).to(memory_format=memory_format(fmt))
+    param = next(block.parameters())
+    x = torch.randn(shape, device=param.device, dtype=param.dtype)
+    if x.dim() == 4:  # a Linear's input has no memory format
+        x = x.to(memory_format=memory_format(fmt))
     candidates = {form: to_memory_format(build_form(block, form), fmt).eval() for form in forms}
 
     def runner(module: nn.Module) -> Callable[[], Tensor]:
@@ -90,20 +112,46 @@ def fastest_form(
     return min(stats, key=lambda form: stats[form].median_ms)
 
 
-def form_macs(block: CPDBlock, shape: Sequence[int], form: str) -> int:
-    """MACs of ``form`` of ``block`` on a batch of ``shape`` ``(B, C_in, H, W)``."""
-    return int(shape[0]) * cpd_block_macs(block, (shape[-2], shape[-1]), form)
+def form_macs(block: nn.Module, shape: Sequence[int], form: str) -> int:
+    """MACs of ``form`` of ``block`` on a batch of ``shape`` ``(B, C_in, H, W)`` (``(..., K)`` for a Linear)."""
+    if isinstance(block, LowRankLinear):
+        rows = math.prod(int(d) for d in shape[:-1])
+        per_row = block.in_features * block.out_features if form == "dense" else \
+            block.rank * (block.in_features + block.out_features)
+        return rows * per_row
+    hw = (int(shape[-2]), int(shape[-1]))
+    if isinstance(block, FactorizedConv):
+        if form == "factored":
+            return int(shape[0]) * chain_macs(block, hw)
+        dense = nn.Conv2d(block.in_channels, block.out_channels, block.kernel_size, stride=block.stride,
+                          padding=block.padding, dilation=block.dilation, bias=False, device="meta")
+        return int(shape[0]) * conv2d_macs(dense, hw)
+    assert isinstance(block, CPDBlock)
+    return int(shape[0]) * cpd_block_macs(block, hw, form)
 
 
-def rule_form(block: CPDBlock, shape: Sequence[int], forms: Sequence[str]) -> str:
-    """No timing: dense if it needs at most ``DENSE_EFFICIENCY`` times the MACs of the best factored form."""
+def _dense_efficiency(block: nn.Module) -> float:
+    """How many more MACs a dense conv may need and still win: depthwise convs are memory-bound
+    (``DENSE_EFFICIENCY``); a chain of dense convs or linears runs at the dense rate (1: fewer MACs win)."""
+    if isinstance(block, CPDBlock):
+        return DENSE_EFFICIENCY
+    depthwise = any(isinstance(m, nn.Conv2d) and m.groups > 1 for m in block.children())
+    return DENSE_EFFICIENCY if depthwise else 1.0
+
+
+def rule_form(block: nn.Module, shape: Sequence[int], forms: Sequence[str]) -> str:
+    """No timing: dense if it needs at most ``_dense_efficiency(block)`` times the MACs of the best factored form."""
     factored = [f for f in forms if f != "dense"]
     if not factored:
         return "dense"
-    best = min(factored, key=lambda f: (form_macs(block, shape, f), _FACTORED_PREFERENCE.index(f)))
-    if "dense" in forms and form_macs(block, shape, "dense") <= DENSE_EFFICIENCY * form_macs(block, shape, best):
+    best = min(factored, key=lambda f: (form_macs(block, shape, f), _preference(f)))
+    if "dense" in forms and form_macs(block, shape, "dense") <= _dense_efficiency(block) * form_macs(block, shape, best):
         return "dense"
     return best
+
+
+def _preference(form: str) -> int:
+    return _FACTORED_PREFERENCE.index(form) if form in _FACTORED_PREFERENCE else len(_FACTORED_PREFERENCE)
 
 
 def fastest_model(

@@ -10,6 +10,11 @@ A rank-``R`` CPDBlock ``(N filters, C_in inputs, k_h x k_w)`` can run as:
                components of one filter, so the rank sum happens inside the conv.
 ``"dense"``    the block re-materialised as one dense (possibly pruned) ``nn.Conv2d``.
 
+The layer-level decomposed blocks (:class:`~norton.decomposition.factorized.FactorizedConv`:
+Tucker-2, layer-wise CP, SVD; and :class:`~norton.decomposition.low_rank_layers.LowRankLinear`)
+have two forms: ``"factored"`` (the block itself, a chain of plain layers) and ``"dense"``
+(its reconstructed ``nn.Conv2d`` / ``nn.Linear``).
+
 *Inference forms* (:func:`build_form`) are new modules holding copies of the kernels.
 *Training forms* (:func:`set_training_form`) keep the CPDBlock and its parameters and
 recompute the kernels from the factors at every forward, so gradients reach the
@@ -26,10 +31,21 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from norton.decomposition.cpd_block import CPDBlock
+from norton.decomposition.factorized import FactorizedConv
+from norton.decomposition.low_rank_layers import LowRankLinear
 from norton.errors import UserError
 
 INFERENCE_FORMS = ("cpd", "merged", "grouped", "dense")
 TRAINING_FORMS = ("cpd", "merged", "grouped", "dense")
+# The forms of a layer-level decomposed block; a record holds these too.
+FACTORED_FORMS = ("factored", "dense")
+RECORDED_FORMS = (*INFERENCE_FORMS, "factored")
+LAYER_BLOCKS = (FactorizedConv, LowRankLinear)
+
+
+def is_layer_block(module: nn.Module | None) -> bool:
+    """A layer-level decomposed block (Tucker-2, layer-wise CP, SVD), whose forms are :data:`FACTORED_FORMS`."""
+    return isinstance(module, LAYER_BLOCKS)
 
 
 # ====================================================================== kernels
@@ -141,8 +157,17 @@ def dense_form(block: CPDBlock) -> nn.Conv2d:
     return conv
 
 
-def build_form(block: CPDBlock, form: str) -> nn.Module:
-    """The inference module of ``form`` computing the same function as ``block``."""
+def build_form(block: nn.Module, form: str) -> nn.Module:
+    """The inference module of ``form`` computing the same function as ``block`` (a CPDBlock or a layer block)."""
+    if is_layer_block(block):
+        if form == "factored":
+            return block
+        if form == "dense":
+            dense = block.to_linear() if isinstance(block, LowRankLinear) else cast(FactorizedConv, block).to_conv()
+            dense.norton_form = "dense"  # type: ignore[assignment]  # a plain attribute (see dense_form)
+            return dense
+        raise UserError(f"unknown form {form!r} of a {type(block).__name__}; choose from {', '.join(FACTORED_FORMS)}")
+    assert isinstance(block, CPDBlock)
     if form == "cpd":
         return block
     if form == "merged":
@@ -158,6 +183,8 @@ def form_of(module: nn.Module) -> str | None:
     """The form name of a module built here (``"cpd"`` for a CPDBlock), else ``None``."""
     if isinstance(module, CPDBlock):
         return "cpd"
+    if is_layer_block(module):
+        return "factored"
     return getattr(module, "form_name", None) or getattr(module, "norton_form", None)
 
 

@@ -50,9 +50,11 @@ from norton.deploy.choice import (
 )
 from norton.deploy.forms import (
     INFERENCE_FORMS,
+    RECORDED_FORMS,
     TRAINING_FORMS,
     TrainingFormCPDBlock,
     build_form,
+    is_layer_block,
     is_plain_block,
     set_training_form,
 )
@@ -128,7 +130,8 @@ def optimize_for_inference(
         fold_batchnorm(modules[producer], modules[bn])
         set_submodule(model, bn, nn.Identity())
 
-    blocks = [name for name, m in model.named_modules() if isinstance(m, CPDBlock)]
+    # CPDBlocks and layer-level decomposed blocks (Tucker-2, layer-wise CP, SVD: "factored" or "dense")
+    blocks = [name for name, m in model.named_modules() if isinstance(m, CPDBlock) or is_layer_block(m)]
     if memory_format != "auto":
         formats: tuple[str, ...] = (memory_format,)
     else:  # without measuring there is nothing to compare formats by: keep the default layout
@@ -182,16 +185,20 @@ def replay_optimize(model: nn.Module, record: Mapping[str, Any]) -> nn.Module:
             if not isinstance(modules[name], kinds):
                 raise UserError(f"optimize record folds {name!r} as {what}, but the model has "
                                 f"{type(modules[name]).__name__} there")
-    for name in forms:
-        if not isinstance(modules.get(name), CPDBlock):
-            found = type(modules[name]).__name__ if name in modules else "nothing"
+    for name, form in forms.items():
+        module = modules.get(name)
+        found = type(module).__name__ if module is not None else "nothing"
+        if form == "factored" or is_layer_block(module):
+            if not is_layer_block(module) or form not in ("factored", "dense"):
+                raise UserError(f"optimize record gives {name!r} the form {form!r}, but the model has {found} there")
+        elif not isinstance(module, CPDBlock):
             raise UserError(f"optimize record names {name!r} as a CPDBlock, but the model has {found} there")
     record_original(model)
     for producer, bn in folds:
         fold_structure(modules[producer])
         set_submodule(model, bn, nn.Identity())
     for name, form in forms.items():
-        if form != "cpd":
+        if form not in ("cpd", "factored"):
             set_submodule(model, name, build_form(modules[name], form))
     to_memory_format(model, record.get("memory_format", "contiguous"))
     model.eval()
@@ -209,9 +216,9 @@ def check_optimize_record(record: Mapping[str, Any]) -> None:
     for name, form in forms.items():
         if not isinstance(name, str):
             raise UserError(f"optimize record: layer names must be strings, got {name!r}")
-        if form not in INFERENCE_FORMS:
+        if form not in RECORDED_FORMS:
             raise UserError(
-                f"optimize record: unknown form {form!r} for layer {name!r}; known: {', '.join(INFERENCE_FORMS)}"
+                f"optimize record: unknown form {form!r} for layer {name!r}; known: {', '.join(RECORDED_FORMS)}"
             )
     folds = record.get("fold_bn", [])
     if not isinstance(folds, (list, tuple)):
@@ -235,7 +242,7 @@ def describe_optimize_record(record: Mapping[str, Any]) -> str:
     forms = ", ".join(
         f"{count} layer{'s' * (count != 1)} as {form}" if i == 0 else f"{count} as {form}"
         for i, (form, count) in enumerate(counts)
-    ) or "no CPDBlocks"
+    ) or "no decomposed blocks"
     folds = len(record.get("fold_bn", []))
     line = (f"optimize: {forms}; {folds} BatchNorm{'s' * (folds != 1)} folded; "
             f"{record.get('memory_format', 'contiguous')}")

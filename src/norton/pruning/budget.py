@@ -21,7 +21,7 @@ from norton.complexity import count_complexity, original_complexity
 from norton.decomposition.cpd_block import CPDBlock
 from norton.errors import UserError
 from norton.example_inputs import ExampleInputs
-from norton.pruning.groups import Group
+from norton.pruning.groups import Group, block_output_layers, rank_channel_layers
 from norton.pruning.surgery import IN, OUT
 
 MACS_TOLERANCE = 0.02  # target_macs is met within this relative error
@@ -67,7 +67,13 @@ def keep_from_ratio(
                 else kept_width(group.channels, float(ratio), round_to, group.layers[0])
             )
         return
-    by_layer = {layer: group for group in groups for layer in group.layers}
+    root = modules.get("")
+    # A decomposed block answers to its own name too (its filters are its last child's); its
+    # rank channels are no layer a ratio names, so patterns such as "layer1.*" skip them.
+    rank_layers = rank_channel_layers(root) if root is not None else {}
+    by_layer = {layer: group for group in groups for layer in group.layers if layer not in rank_layers}
+    outputs = block_output_layers(root) if root is not None else {}
+    by_layer.update({block: by_layer[child] for child, block in outputs.items() if child in by_layer})
     wanted: dict[int, tuple[str, float]] = {}
     for pattern, value in ratio.items():
         matched = [name for name in by_layer if name == pattern or fnmatch.fnmatchcase(name, pattern)]
@@ -100,9 +106,11 @@ def keep_from_compress_rate(groups: list[Group], model: nn.Module, compress_rate
         if width is not None:
             widths[name] = width
     zoo_name = getattr(model, "norton_architecture", {}).get("name")
+    blocks = block_output_layers(model)  # a decomposed block's filters are its last child's
     for group in groups:
         wanted: dict[str, int] = {}
-        for name in group.layers:
+        for layer in group.layers:
+            name = blocks.get(layer, layer)
             if name not in widths:
                 raise UserError(
                     f"the compressed {zoo_name} has no layer {name!r}; "

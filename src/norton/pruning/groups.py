@@ -6,6 +6,15 @@ so a CPDBlock is one node. Its groups are split into *coupled groups*: the outpu
 channels of every filter layer feeding one chain of residual additions,
 concatenations or depthwise convolutions, with every layer the removal touches.
 
+Layer-level decomposed blocks (Tucker-2, layer-wise CP, SVD; :mod:`norton.decomposition.methods`)
+are chains of plain convs and linears, so the graph sees their children. The block's
+output channels (its last child's) and input channels (its first child's) are pruned as
+any layer's; the *rank* channels between its children are protected: the rank is the
+decomposition's decision (``decompose(rank=...)``), as a CPDBlock's is, so ``ratio`` and
+``compress_rate`` keep meaning "this fraction of each layer's filters" and their lists stay
+aligned with the zoo's layers. (Pruning a rank channel would be legal, it removes one
+rank-one term; to lower ranks, decompose again at a lower rank.)
+
 Tracing follows the path the example input takes through ``forward``. A model
 whose forward branches on the data (``if x.sum() > 0``) would be pruned along that
 path only; :func:`check_single_path` runs it on other inputs to catch this, and
@@ -23,6 +32,8 @@ import torch_pruning as tp
 from torch import Tensor, nn
 
 from norton.decomposition.cpd_block import CPDBlock
+from norton.decomposition.factorized import FactorizedConv
+from norton.decomposition.low_rank_layers import LowRankLinear
 from norton.errors import UserError
 from norton.example_inputs import ExampleInputs, call_model
 from norton.pruning.surgery import IN, OUT, customized_pruners
@@ -144,6 +155,7 @@ def _discover_groups(
     """Every coupled group with at least one filter layer, in model order, with why it is protected."""
     names = {module: name for name, module in work.named_modules()}
     order = {name: i for i, name in enumerate(names.values())}
+    rank_layers = rank_channel_layers(work)
     root_types = (CPDBlock, nn.Conv2d, nn.Linear) if prune_linear else (CPDBlock, nn.Conv2d)
     groups = []
     for group in graph.get_all_groups(root_module_types=root_types):
@@ -167,6 +179,8 @@ def _discover_groups(
                 protected = protected or f"grouped convolution {name}"
             if side == OUT and module in ignored:
                 protected = protected or f"ignored: {name}"
+            if side == OUT and name in rank_layers:
+                protected = protected or f"rank channels of {rank_layers[name]} (set by its decomposition)"
             if side == OUT and filter_layer(module, prune_linear):
                 layers.append(name)
             effects.append((name, side, len(idxs) / channels))
@@ -177,6 +191,30 @@ def _discover_groups(
     groups.sort(key=lambda g: order[g.layers[0]])
     return groups
 
+
+
+def rank_channel_layers(model: nn.Module) -> dict[str, str]:
+    """``{child name: block name}`` for the children of layer-level decomposed blocks whose outputs are rank channels.
+
+    Every child but the block's last one (which produces the block's output).
+    """
+    inner = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (FactorizedConv, LowRankLinear)):
+            children = list(module.named_children())
+            for child, _ in children[:-1]:
+                inner[f"{name}.{child}" if name else child] = name
+    return inner
+
+
+def block_output_layers(model: nn.Module) -> dict[str, str]:
+    """``{last child name: block name}`` of layer-level decomposed blocks: the child that holds the block's filters."""
+    outputs = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (FactorizedConv, LowRankLinear)):
+            child = list(module.named_children())[-1][0]
+            outputs[f"{name}.{child}" if name else child] = name
+    return outputs
 
 
 def _resolve_ignored(model: nn.Module, ignored_layers: Iterable[str | nn.Module]) -> list[str]:
