@@ -128,6 +128,36 @@ def print_json(obj: Any) -> None:
     print(to_json(obj, default=str))
 
 
+# The decomposition methods (norton.decomposition.methods.METHODS), named here without importing torch.
+DECOMPOSITION_METHODS = ("cp-filter", "tucker2", "cp-layer", "svd")
+
+
+def add_decomposition_options(parser: argparse.ArgumentParser, *, rank_required: bool = True) -> None:
+    """``--method`` and ``-r/--rank SPEC``: how to decompose, and at which rank (see docs/decompositions.md)."""
+    parser.add_argument("--method", choices=DECOMPOSITION_METHODS, default="cp-filter",
+                        help="cp-filter (NORTON's CPDBlock, default), tucker2, cp-layer or svd")
+    parser.add_argument("-r", "--rank", type=rank_spec_option, required=rank_required, metavar="SPEC",
+                        help="rank of every decomposed layer: an int (>= 1), 'vbmf', 'energy:F' (keep fraction F "
+                             "of the spectral energy) or 'macs:F' (keep fraction F of each layer's MACs)")
+
+
+def rank_spec_option(value: str) -> int | str:
+    """``-r SPEC``: a whole number becomes an int (bounded later, as ranks are); anything else is a spec string,
+    checked when the command runs (:func:`check_rank_spec_option`)."""
+    text = value.strip()
+    if text.lstrip("-").isdigit():
+        return int(text)
+    return text
+
+
+def check_rank_spec_option(value: int | str) -> None:
+    """``UserError`` for a spec string the library would refuse (imports the parser, and torch, only for specs)."""
+    if isinstance(value, str):
+        from norton.decomposition.rank_selection import parse_rank_spec
+
+        parse_rank_spec(value)
+
+
 def rank_option(value: int) -> int | None:
     """``-r``: 0 means no decomposition (``None``); otherwise a rank within :data:`norton.limits.MAX_RANK`."""
     check_int(value, "-r/--rank", minimum=0, maximum=MAX_RANK)
