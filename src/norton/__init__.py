@@ -14,6 +14,11 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _EXPORTS = {
     "CPDBlock": "norton.decomposition.cpd_block",
+    "Tucker2Conv": "norton.decomposition.tucker2_conv",
+    "LayerCPConv": "norton.decomposition.layer_cp_conv",
+    "SpatialSVDConv": "norton.decomposition.low_rank_layers",
+    "LowRankConv1x1": "norton.decomposition.low_rank_layers",
+    "LowRankLinear": "norton.decomposition.low_rank_layers",
     "cp_als": "norton.decomposition.cp_als",
     "cp_als_many": "norton.decomposition.cp_als",
     "cp_to_tensor": "norton.decomposition.cp_tensor",
