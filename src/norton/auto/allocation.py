@@ -1,0 +1,137 @@
+"""Choose every group's width and every layer's decomposition so the model meets a MACs budget.
+
+The problem is a multiple-choice knapsack: each unit (a coupled group of channels, or
+a decomposable layer) has a few levels, each with a measured output change (its
+:class:`~norton.auto.sensitivity.Curve`) and an effect on the MACs. Because a
+group's width changes the MACs of every layer it feeds, MACs are not additive per
+unit, so the search is greedy on the exact MAC model (:class:`~norton.auto.costs.ChoiceMacs`):
+from the uncompressed model, repeatedly take the move (any unit to any cheaper level)
+that adds the least output change per MAC removed, until the budget is met; then
+give channels back one at a time, cheapest change first, while the budget still
+holds, so the result lands within the tolerance (AIMET's greedy compression-ratio
+selection works the same way on per-layer curves).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from norton.auto.costs import ChoiceMacs
+from norton.auto.sensitivity import Curve
+from norton.errors import UserError
+
+
+@dataclass
+class Allocation:
+    """The chosen kept width per group ``(G,)`` and option index per decomposable layer ``(D,)``."""
+
+    keep: Tensor
+    choice: Tensor
+    macs: float
+    cost: float
+
+
+def _interpolate(curve: Curve, width: Tensor) -> Tensor:
+    """A prune curve's cost at any kept width (linear between measured widths, flat past the ends)."""
+    levels = torch.tensor(curve.levels[::-1], dtype=torch.float64)  # rising widths
+    costs = torch.tensor(curve.costs[::-1], dtype=torch.float64)
+    width = width.to(torch.float64).clamp(levels[0], levels[-1])
+    upper = torch.searchsorted(levels, width).clamp(1, len(levels) - 1) if len(levels) > 1 else None
+    if upper is None:
+        return costs[0].expand_as(width)
+    lo, hi = levels[upper - 1], levels[upper]
+    t = ((width - lo) / (hi - lo).clamp_min(1e-12)).clamp(0, 1)
+    return costs[upper - 1] + t * (costs[upper] - costs[upper - 1])
+
+
+def allocate(
+    macs: ChoiceMacs, prune_curves: Sequence[Curve], decompose_curves: Sequence[Curve], goal: float,
+    *, tolerance: float = 0.02,
+) -> Allocation:
+    """The greedy allocation meeting ``goal`` MACs (within ``tolerance``, relative).
+
+    Args:
+        macs: the MAC model; group ``g`` of ``macs.widths`` is ``prune_curves[g]`` (a
+            protected group has a curve with one level), layer ``d`` is ``decompose_curves[d]``.
+        goal: MACs to reach (absolute).
+    """
+    groups, layers = len(prune_curves), len(decompose_curves)
+    keep = torch.tensor([c.levels[0] for c in prune_curves], dtype=torch.float64)  # (G,)
+    choice = torch.zeros(layers, dtype=torch.long)  # (D,): 0 = dense
+    group_level = [0] * groups
+    current = float(macs(keep[None], choice[None])[0])
+
+    def cost_of(keep: Tensor, choice: Tensor) -> float:
+        total = sum(float(_interpolate(c, keep[g:g + 1])[0]) for g, c in enumerate(prune_curves))
+        return total + sum(c.costs[int(choice[d])] for d, c in enumerate(decompose_curves))
+
+    while current > goal * (1 + tolerance / 2):
+        keeps, choices, added = [], [], []
+        for g, curve in enumerate(prune_curves):
+            for j in range(group_level[g] + 1, len(curve.levels)):
+                trial = keep.clone()
+                trial[g] = curve.levels[j]
+                keeps.append(trial)
+                choices.append(choice)
+                added.append((curve.costs[j] - curve.costs[group_level[g]], ("prune", g, j)))
+        for d, curve in enumerate(decompose_curves):
+            for j in range(int(choice[d]) + 1, len(curve.levels)):
+                trial_choice = choice.clone()
+                trial_choice[d] = j
+                keeps.append(keep)
+                choices.append(trial_choice)
+                added.append((curve.costs[j] - curve.costs[int(choice[d])], ("decompose", d, j)))
+        if not keeps:
+            break
+        saved = current - macs(torch.stack(keeps), torch.stack(choices))  # (M,)
+        rate = torch.tensor([a for a, _ in added], dtype=torch.float64) / saved.clamp_min(1e-9)
+        rate = rate.masked_fill(saved <= 0, math.inf)
+        # The best rate; among (near-)ties the bigger saving, so free moves go first and in big steps.
+        best_rate = float(rate.min())
+        if not math.isfinite(best_rate):
+            break
+        near = rate <= best_rate + 1e-12 + 1e-6 * abs(best_rate)
+        best = int(torch.where(near, saved, torch.full_like(saved, -math.inf)).argmax())
+        kind, unit, level = added[best][1]
+        if kind == "prune":
+            keep[unit] = prune_curves[unit].levels[level]
+            group_level[unit] = level
+        else:
+            choice[unit] = level
+        current = float(saved.new_tensor(current) - saved[best])
+
+    if current > goal * (1 + tolerance):
+        raise UserError(
+            f"the MACs budget cannot be met: compressing every layer as far as norton tries still leaves "
+            f"{current:,.0f} MACs for a goal of {goal:,.0f}; ask for a larger target_macs"
+        )
+    keep = _give_back(macs, prune_curves, keep, choice, goal, tolerance)
+    return Allocation(keep.long(), choice, float(macs(keep[None], choice[None])[0]), cost_of(keep, choice))
+
+
+def _give_back(
+    macs: ChoiceMacs, curves: Sequence[Curve], keep: Tensor, choice: Tensor, goal: float, tolerance: float,
+) -> Tensor:
+    """Add channels back, best output change saved per MAC first, while MACs stay under ``goal``."""
+    full = torch.tensor([c.levels[0] for c in curves], dtype=torch.float64)  # (G,)
+    current = float(macs(keep[None], choice[None])[0])
+    eye = torch.eye(len(curves), dtype=torch.float64)
+    for _ in range(int((full - keep).sum())):
+        if current >= goal * (1 - tolerance / 4):
+            break
+        step = torch.clamp(torch.ceil(full / 32), min=1)  # (G,): about 3% of a group per move
+        trials = (keep + eye * step[:, None]).minimum(full)  # (G, G): row g widens group g
+        added = macs(trials, choice.expand(len(curves), -1)) - current  # (G,)
+        before = torch.stack([_interpolate(c, keep[g:g + 1])[0] for g, c in enumerate(curves)])
+        after = torch.stack([_interpolate(c, trials[g, g:g + 1])[0] for g, c in enumerate(curves)])
+        gain = (before - after) / added.clamp_min(1e-9)  # output change saved per MAC
+        valid = (trials.diagonal() > keep) & (current + added <= goal * (1 + tolerance / 2))
+        if not bool(valid.any()):
+            break
+        best = int(gain.masked_fill(~valid, -math.inf).argmax())
+        keep, current = trials[best], current + float(added[best])
+    return keep

@@ -1,0 +1,105 @@
+"""auto_compress: budgets met on any classifier, the input left alone, bad input refused, plans replayed."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torchvision
+
+import norton
+from norton.complexity import count_complexity
+from norton.errors import UserError
+
+
+def _calibration(shape, batches=2, batch=16):
+    generator = torch.Generator().manual_seed(0)
+    return [torch.randn(batch, *shape, generator=generator) for _ in range(batches)]
+
+
+def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize(
+    ("name", "side", "target"),
+    [
+        ("resnet_20", 16, 0.5),
+        ("resnet_20", 16, 0.2),
+        pytest.param("vgg_16_bn", 32, 0.3, marks=pytest.mark.slow),
+        pytest.param("resnet_56", 16, 0.1, marks=pytest.mark.slow),
+    ],
+)
+def test_zoo_budgets_met_within_two_percent(name, side, target):
+    torch.manual_seed(0)
+    model = norton.create_model(name, num_classes=10).eval()
+    before = copy.deepcopy(model)
+    x = torch.randn(1, 3, side, side)
+    compressed = auto_compress_quiet(model, x, target, _calibration((3, side, side)))
+    original = count_complexity(model, example_inputs=x).macs
+    assert count_complexity(compressed, example_inputs=x).macs == pytest.approx(target * original, rel=0.02)
+    assert _same(model, before)  # the input model is left as it was
+    assert compressed(torch.randn(2, 3, side, side)).shape == (2, 10)
+
+
+@pytest.mark.slow
+def test_densenet_and_torchvision_budgets():
+    torch.manual_seed(0)
+    for model, x in (
+        (norton.create_model("densenet_40", num_classes=10).eval(), torch.randn(1, 3, 32, 32)),
+        (torchvision.models.resnet18(num_classes=10).eval(), torch.randn(1, 3, 64, 64)),
+    ):
+        compressed = auto_compress_quiet(model, x, 0.4, _calibration(tuple(x.shape[1:]), batches=1))
+        original = count_complexity(model, example_inputs=x).macs
+        assert count_complexity(compressed, example_inputs=x).macs == pytest.approx(0.4 * original, rel=0.02)
+
+
+def auto_compress_quiet(model, x, target, calibration, **kwargs):
+    return norton.auto_compress(model, x, target_macs=target, calibration=calibration, progress=False, **kwargs)
+
+
+def test_labels_are_optional_and_ignored():
+    model = norton.create_model("resnet_20", num_classes=10).eval()
+    x = torch.randn(1, 3, 16, 16)
+    images = _calibration((3, 16, 16))
+    with_labels = [(batch, torch.randint(0, 10, (batch.shape[0],))) for batch in images]
+    a = auto_compress_quiet(model, x, 0.4, images)
+    b = auto_compress_quiet(model, x, 0.4, with_labels)
+    probe = torch.randn(3, 3, 16, 16)
+    assert torch.allclose(a(probe), b(probe), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("calibration", "target", "message"),
+    [
+        ([], 0.5, "no batches"),
+        ([torch.randn(4, 3, 8, 8)], 0.5, "shape"),
+        (None, 0.0, "target_macs"),
+        (None, 1.0, "target_macs"),
+        (None, 1.5, "target_macs"),
+    ],
+)
+def test_bad_input_is_one_line_and_leaves_the_model(calibration, target, message):
+    model = norton.create_model("resnet_20", num_classes=10).eval()
+    before = copy.deepcopy(model)
+    x = torch.randn(1, 3, 16, 16)
+    calibration = _calibration((3, 16, 16)) if calibration is None else calibration
+    with pytest.raises(UserError, match=message) as error:
+        auto_compress_quiet(model, x, target, calibration)
+    assert "\n" not in str(error.value)
+    assert _same(model, before) and not hasattr(model, "norton_plan")
+
+
+def test_the_plan_round_trips_through_save_and_load(tmp_path):
+    torch.manual_seed(0)
+    model = norton.create_model("resnet_20", num_classes=10).eval()
+    x = torch.randn(1, 3, 16, 16)
+    compressed = auto_compress_quiet(model, x, 0.3, _calibration((3, 16, 16))).eval()
+    operations = [record["op"] for record in compressed.norton_plan]
+    assert "prune" in operations
+    norton.save(compressed, tmp_path / "auto.pt")
+    loaded = norton.load(tmp_path / "auto.pt").eval()
+    probe = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded(probe), compressed(probe))
