@@ -107,7 +107,11 @@ def keep_from_compress_rate(groups: list[Group], model: nn.Module, compress_rate
             widths[name] = width
     zoo_name = getattr(model, "norton_architecture", {}).get("name")
     blocks = block_output_layers(model)  # a decomposed block's filters are its last child's
+    rank_layers = rank_channel_layers(model)  # its rank channels are no zoo layer: they stay
     for group in groups:
+        if all(layer in rank_layers for layer in group.layers):
+            group.keep = group.channels
+            continue
         wanted: dict[str, int] = {}
         for layer in group.layers:
             name = blocks.get(layer, layer)
