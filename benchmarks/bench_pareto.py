@@ -1,0 +1,301 @@
+"""Benchmark: accuracy against MACs and CPU latency, norton vs Torch-Pruning, on Fashion-MNIST (resumable).
+
+The zoo's ``resnet_20`` (or ``--model resnet_56``) is trained once on the 60,000 Fashion-MNIST
+training images (cached under ``--out``), then compressed by every ``--methods`` entry to every
+``--budgets`` fraction of its conv+linear MACs (norton's counter), for every ``--seeds`` seed.
+Each compressed model is scored on the 10,000 test images right after compression, fine-tuned
+by the same recipe for ``--epochs`` epochs over the 60,000 training images (SGD, momentum 0.9,
+weight decay 5e-4, lr 0.01 with a per-step cosine to 0, batch 128, no warm-up), scored again,
+and timed on the CPU at batch 1 and 64 after :func:`norton.optimize_for_inference` (BatchNorm
+folded, fastest CPDBlock forms; the same call for every model). Nothing is selected on the test
+images: there is no validation split, every run stops after its fixed number of epochs.
+
+One JSON object per ``(model, method, budget, seed, epochs)`` is appended to
+``--out/results.jsonl``; keys already there are skipped, so a killed run resumes and the grid is
+filled piece by piece. The tables (mean ± std over seeds) and the two plots go to
+``docs/pareto.md`` and ``docs/images/pareto_*.png``.
+
+    .venv/bin/python benchmarks/bench_pareto.py --budgets 0.5,0.3 --methods paper,tp-l1-uniform --seeds 0
+    .venv/bin/python benchmarks/bench_pareto.py --methods auto,paper,tp-l1-global --epochs 5 --seeds 0,1,2
+    .venv/bin/python benchmarks/bench_pareto.py --report-only
+    .venv/bin/python benchmarks/bench_pareto.py --quick            # a smoke test, under a minute
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import platform
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import _pareto_data as data_lib  # the _pareto_* helpers: next to this file, first on sys.path when it runs
+import _pareto_report as report
+import norton
+from _pareto_methods import METHODS, MethodUnavailable, macs_fraction, unavailable
+from norton.deploy.benchmark import time_models, torch_runner
+from norton.deploy.timing import environment
+from norton.errors import UserError
+from norton.limits import check_distillation, check_epochs, check_int, check_target_macs
+from norton.training.distributed import resolve_device
+
+BASELINE_EPOCHS = {"resnet_20": 8, "resnet_56": 8}
+DEFAULTS = {"budgets": "0.5,0.3,0.2,0.1", "methods": ",".join(METHODS), "seeds": "0,1,2"}
+# --quick: 512 training and 512 test images, one budget, two methods, one epoch (4 steps) everywhere.
+QUICK = {"limit": 512, "budgets": "0.5", "methods": "tp-l1-uniform,paper", "seeds": "0", "epochs": 1,
+         "baseline_epochs": 1}
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def parse_list(text: str, kind: type, what: str) -> list[Any]:
+    try:
+        values = [kind(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UserError(f"--{what} must be a comma-separated list of {kind.__name__}s, got {text!r}") from None
+    if not values:
+        raise UserError(f"--{what} is empty: give at least one value")
+    return values
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="resnet_20", choices=sorted(BASELINE_EPOCHS))
+    parser.add_argument("--budgets", help=f"fractions of the baseline's MACs (default {DEFAULTS['budgets']})")
+    parser.add_argument("--methods", help=f"from {', '.join(METHODS)} (default all)")
+    parser.add_argument("--seeds", help=f"default {DEFAULTS['seeds']}")
+    parser.add_argument("--epochs", type=int, default=1, help="fine-tuning epochs (default 1; 5 for the finalists)")
+    parser.add_argument("--baseline-epochs", type=int, default=None, help="default: 8 (about 92%% top-1)")
+    parser.add_argument("--calibration-images", type=int, default=512, help="training images for auto and Taylor")
+    parser.add_argument("--distill", action="store_true", help="fine-tune with the baseline as teacher")
+    parser.add_argument("--distill-alpha", type=float, default=0.5)
+    parser.add_argument("--distill-temperature", type=float, default=4.0)
+    parser.add_argument("--out", default="runs/pareto", help="results.jsonl and the cached baseline")
+    parser.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (default Debian's)")
+    parser.add_argument("--docs", default="docs/pareto.md", help="the document whose marked section is rewritten")
+    parser.add_argument("--images", default="docs/images", help="folder of the plots")
+    parser.add_argument("--device", default="auto", help="for training (latency is always CPU)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--report-only", action="store_true", help="only render the tables and plots")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke test: 512 train/test images, budget 0.5, two methods, into --out/quick")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.out = str(Path(args.out) / "quick")
+        args.docs, args.images = str(Path(args.out) / "pareto.md"), args.out
+        args.epochs, args.baseline_epochs = QUICK["epochs"], QUICK["baseline_epochs"]
+    for name in ("budgets", "methods", "seeds"):  # a piece of the grid given is kept, also with --quick
+        if getattr(args, name) is None:
+            setattr(args, name, (QUICK if args.quick else DEFAULTS)[name])
+    # Every mistake is refused here, before data is read or anything is trained.
+    args.budgets = [check_target_macs(b, "--budgets") for b in parse_list(args.budgets, float, "budgets")]
+    if any(b >= 1 for b in args.budgets):
+        raise UserError(f"--budgets are fractions of the baseline's MACs in (0, 1), got {args.budgets}")
+    args.methods = parse_list(args.methods, str, "methods")
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown:
+        raise UserError(f"unknown method {unknown[0]!r}: choose from {', '.join(METHODS)}")
+    args.seeds = [check_int(s, "--seeds", minimum=0) for s in parse_list(args.seeds, int, "seeds")]
+    args.epochs = check_epochs(args.epochs, "--epochs", minimum=1)
+    args.baseline_epochs = check_epochs(args.baseline_epochs or BASELINE_EPOCHS[args.model], "--baseline-epochs",
+                                        minimum=1)
+    check_int(args.calibration_images, "--calibration-images", maximum=60_000)
+    if args.distill:
+        check_distillation(args.distill_alpha, args.distill_temperature)
+        if "teacher" not in inspect.signature(norton.fit).parameters:
+            raise UserError("--distill needs norton.fit(teacher=...) (issue 11, item 4), which this norton "
+                            "does not have yet: run without --distill")
+    return args
+
+
+# ------------------------------------------------------------------ measuring one model
+def inference_form(model: nn.Module, x: torch.Tensor, *, quick: bool) -> tuple[nn.Module, bool]:
+    """``optimize_for_inference(model)`` at ``x``'s batch size (BatchNorm folded, fastest forms); ``(model, optimized)``."""
+    model = model.cpu().eval()
+    try:
+        return norton.optimize_for_inference(model, x, measure=not quick, repeats=3), True
+    except (RuntimeError, UserError) as error:  # timed as it is, and said so in the record
+        print(f"  optimize_for_inference failed ({str(error).splitlines()[0][:120]}): timing the model as it is")
+        return model, False
+
+
+def latency_ms(model: nn.Module, baseline: nn.Module, input_size: tuple[int, ...], batch: int, *,
+               quick: bool) -> tuple[float, float, bool]:
+    """Median CPU latencies (ms) of ``model`` and ``baseline`` at ``batch``, timed interleaved (so a burst of
+    load from another process hits both alike): ``(model ms, baseline ms, model optimized)``."""
+    x = torch.randn(batch, *input_size)
+    fast, optimized = inference_form(model, x, quick=quick)
+    fast_baseline, _ = inference_form(baseline, x, quick=quick)
+    timing = time_models({"model": torch_runner(fast, x), "baseline": torch_runner(fast_baseline, x)},
+                         batch_size=batch, warmup=2 if quick else 5, repeats=3 if quick else 25,
+                         max_time_s=2 if quick else 20, memory=False)
+    return timing["model"].latency.median_ms, timing["baseline"].latency.median_ms, optimized
+
+
+def measure(model: nn.Module, baseline: nn.Module, data: data_lib.Data, reference_macs: int, *,
+            quick: bool) -> dict[str, Any]:
+    """MACs, params, CPU latency at batch 1 and 64 of ``model``, and its speed-up over ``baseline`` (same timing run)."""
+    count = norton.count_complexity(model.cpu(), input_size=data.input_size)
+    record: dict[str, Any] = {"macs": count.macs, "macs_fraction": count.macs / reference_macs, "params": count.params}
+    optimized = True
+    for batch in (1, 64):
+        ms, baseline_ms, done = latency_ms(model, baseline, data.input_size, batch, quick=quick)
+        record.update({f"latency_ms_b{batch}": ms, f"speedup_b{batch}": baseline_ms / ms})
+        optimized = optimized and done
+    return {**record, "latency_optimized": optimized}
+
+
+def top1(model: nn.Module, loader: Any, device: str) -> float:
+    return norton.evaluate(model, loader, device=device, progress=False)["top1"]
+
+
+def finetune_kwargs(args: argparse.Namespace, teacher: nn.Module) -> dict[str, Any]:
+    if not args.distill:
+        return {}
+    return {"teacher": teacher, "distill_alpha": args.distill_alpha, "distill_temperature": args.distill_temperature}
+
+
+# ------------------------------------------------------------------ the grid
+def run_one(args: argparse.Namespace, env: dict[str, Any], data: data_lib.Data, baseline: nn.Module,
+            base_record: dict[str, Any], key: dict[str, Any]) -> dict[str, Any]:
+    """Compress, score, fine-tune, score and time one ``(method, budget, seed)``; its result record."""
+    method, budget, seed = key["method"], key["budget"], key["seed"]
+    device = str(resolve_device(args.device))
+    example = torch.zeros(1, *data.input_size)
+    calibration = data_lib.calibration_batches(data, images=args.calibration_images, seed=seed)
+    started = time.perf_counter()
+    compressed, details = METHODS[method](baseline, example, budget, calibration, seed)
+    compress_seconds = time.perf_counter() - started
+    fraction = macs_fraction(compressed, base_record["macs"], example)
+    print(f"  compressed in {compress_seconds:.1f} s to {fraction:.3f} of the MACs ({details})", flush=True)
+    loaders = data_lib.loaders_for(data, seed)
+    before = top1(compressed, loaders.test, device)
+    print(f"  top-1 right after compression {before:.2f}%", flush=True)
+    started = time.perf_counter()
+    result = norton.fit(compressed, loaders, epochs=args.epochs, **data_lib.FINETUNE_RECIPE, device=args.device,
+                        seed=seed, progress=False, verbose=False, **finetune_kwargs(args, baseline))
+    finetune_seconds = time.perf_counter() - started
+    assert result.test is not None
+    print(f"  top-1 after {args.epochs} epoch(s) of fine-tuning {result.test['top1']:.2f}% "
+          f"({finetune_seconds / 60:.1f} min)", flush=True)
+    return {**key, "top1_compressed": before, "top1_finetuned": result.test["top1"],
+            **measure(compressed, baseline, data, base_record["macs"], quick=args.quick),
+            "compress_seconds": compress_seconds, "finetune_seconds": finetune_seconds, "details": details,
+            "baseline_top1": base_record["top1_finetuned"], "recipe": {**data_lib.FINETUNE_RECIPE, "device": device,
+            "batch_size": data_lib.BATCH_SIZE, "train_images": len(data.splits.train)},
+            "env": env, "command": command_line(), "finished": datetime.now(UTC).isoformat(timespec="seconds")}
+
+
+def command_line() -> str:
+    """How this process was started, as a user would type it."""
+    return " ".join([".venv/bin/python benchmarks/bench_pareto.py", *sys.argv[1:]])
+
+
+def baseline_record(args: argparse.Namespace, env: dict[str, Any], data: data_lib.Data, model: nn.Module,
+                    metadata: dict[str, Any]) -> dict[str, Any]:
+    macs = norton.count_complexity(model, input_size=data.input_size).macs
+    return {"model": args.model, "method": "baseline", "budget": 1.0, "seed": metadata["seed"],
+            "epochs": metadata["epochs"], "distill": False, "top1_compressed": None,
+            "top1_finetuned": metadata["test_top1"], **measure(model, model, data, macs, quick=args.quick),
+            "compress_seconds": 0.0, "details": {"train_seconds": metadata["train_seconds"]},
+            "env": env, "command": command_line(), "finished": datetime.now(UTC).isoformat(timespec="seconds")}
+
+
+def run_grid(args: argparse.Namespace, results: Path) -> None:
+    env = environment("cpu")
+    env = {"torch": env["torch"], "threads": env["threads"], "cpu": cpu_name(), "cpu_count": env["cpu_count"],
+           "device": str(resolve_device(args.device))}
+    print(f"torch {env['torch']}, {env['threads']} threads, {env['cpu']} ({env['cpu_count']} cores), "
+          f"training on {env['device']}, latency on the CPU", flush=True)
+    methods = []
+    for method in args.methods:  # one line for a method that cannot run here, then the others
+        reason = unavailable(method)
+        print(f"skipping: {reason}", flush=True) if reason else methods.append(method)
+    records = report.read_results(results)
+    done = report.done_keys(records)
+    data = data_lib.build_data(data_dir=args.data_dir, limit=QUICK["limit"] if args.quick else None)
+    baseline, metadata = data_lib.trained_baseline(
+        data, Path(args.out), model_name=args.model, epochs=args.baseline_epochs, seed=0, device=args.device)
+    baseline = baseline.cpu().eval()
+    base_key = {"model": args.model, "method": "baseline", "budget": 1.0, "seed": metadata["seed"],
+                "epochs": metadata["epochs"], "distill": False}
+    base = next((r for r in records if report.record_key(r) == report.record_key(base_key)), None)
+    if base is None:
+        base = baseline_record(args, env, data, baseline, metadata)
+        report.append_result(base, results)
+    todo = [{"model": args.model, "method": method, "budget": budget, "seed": seed, "epochs": args.epochs,
+             "distill": bool(args.distill)}
+            for budget in args.budgets for method in methods for seed in args.seeds]
+    for index, key in enumerate(todo, 1):
+        label = f"[{index}/{len(todo)}] {key['method']} at {key['budget']:g} of the MACs, seed {key['seed']}, " \
+                f"{key['epochs']} epoch(s)"
+        if report.record_key(key) in done:
+            print(f"{label}: done before, skipped", flush=True)
+            continue
+        print(label, flush=True)
+        try:
+            record = run_one(args, env, data, baseline, base, key)
+        except MethodUnavailable as error:
+            print(f"  {error}", flush=True)
+            continue
+        report.append_result(record, results)
+        done.add(report.record_key(key))
+
+
+def render(args: argparse.Namespace, results: Path) -> None:
+    records = report.read_results(results)
+    if not any(r["model"] == args.model for r in records):
+        print(f"no results for {args.model} in {results} yet")
+        return
+    plots = report.plot(records, args.model, Path(args.images))
+    docs = Path(args.docs)
+    images = [os.path.relpath(p, docs.parent) for p in plots]
+    mine = [r for r in records if r["model"] == args.model]
+    body = "\n".join([
+        f"### {args.model}", "", "Commands that produced these results (`--report-only` re-renders them):", "",
+        *[f"    {command}" for command in report.commands(mine, args.model)], "",
+        *[f"Measured on: {line}." for line in report.environments(mine)], "",
+        report.baseline_line(records, args.model) or "", "",
+        report.render_tables(records, args.model), "",
+        f"![top-1 against MACs]({images[0]})", f"![top-1 against batch-64 latency]({images[1]})",
+    ])
+    report.write_document(docs, args.model, body)
+    print(report.render_tables(records, args.model))
+    print(f"wrote {docs} and {', '.join(str(p) for p in plots)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(argv)
+    except UserError as error:
+        print(f"bench_pareto: error: {error}", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    results = Path(args.out) / "results.jsonl"
+    if not args.report_only:
+        try:
+            run_grid(args, results)
+        except UserError as error:
+            print(f"bench_pareto: error: {error}", file=sys.stderr)
+            return 2
+    render(args, results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

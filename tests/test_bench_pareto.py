@@ -1,0 +1,194 @@
+"""The pieces of ``benchmarks/bench_pareto.py`` on tiny data: budgets met, resume, tables, the missing auto method."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import _pareto_methods as methods  # noqa: E402
+import _pareto_report as report  # noqa: E402
+import bench_pareto  # noqa: E402
+import norton  # noqa: E402
+
+
+def _resnet20():
+    torch.manual_seed(0)
+    return norton.create_model("resnet_20", num_classes=10, in_channels=1).eval()
+
+
+def _calibration(n=16):
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(n, 1, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g))]
+
+
+# ------------------------------------------------------------------ Torch-Pruning reaches the budget
+@pytest.mark.parametrize("budget", [0.3, 0.1])
+@pytest.mark.parametrize("name", ["tp-l1-uniform", "tp-l1-global", "tp-taylor-uniform", "tp-lamp-global"])
+def test_torch_pruning_methods_meet_the_budget_within_2_percent_and_leave_the_model(name, budget):
+    model = _resnet20()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    example = torch.zeros(1, 1, 32, 32)
+    reference = norton.count_complexity(model, example_inputs=example).macs
+    pruned, details = methods.METHODS[name](model, example, budget, _calibration(), 0)
+    fraction = methods.macs_fraction(pruned, reference, example)
+    assert abs(fraction / budget - 1) <= 0.02, (fraction, details)
+    assert details["budget_error"] == pytest.approx(abs(fraction / budget - 1))
+    assert pruned.fc.out_features == 10  # the classifier keeps its classes
+    assert pruned(torch.randn(2, 1, 32, 32)).shape == (2, 10)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # input model unchanged
+    assert all(p.grad is None for p in model.parameters())  # Taylor's gradients were taken on a copy
+
+
+def test_bisection_reports_the_closest_trial_when_widths_cannot_meet_the_budget():
+    # A single conv of 2 filters: the MACs can only be 1/2 or 1 of the original's here (the classifier is kept).
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(2 * 6 * 6, 3))
+    pruned, details = methods.tp_to_budget(model, torch.zeros(1, 1, 8, 8), 0.6, [], importance="l1",
+                                           global_pruning=False)
+    assert details["budget_error"] > 0.02
+    assert details["trials"] >= 5
+    assert pruned[0].out_channels == 1
+
+
+# ------------------------------------------------------------------ the auto method before auto_compress exists
+def test_auto_without_auto_compress_says_so_in_one_line(monkeypatch, capsys):
+    monkeypatch.delitem(norton._EXPORTS, "auto_compress", raising=False)
+    monkeypatch.delattr(norton, "auto_compress", raising=False)
+    with pytest.raises(methods.MethodUnavailable) as caught:
+        methods.auto(_resnet20(), torch.zeros(1, 1, 32, 32), 0.5, _calibration(), 0)
+    message = str(caught.value)
+    assert "\n" not in message and "norton.auto_compress" in message
+    assert methods.unavailable("auto") == message
+    assert methods.unavailable("tp-l1-uniform") is None
+
+
+def test_paper_rank_rule():
+    assert [methods.paper_rank(b) for b in (0.5, 0.3, 0.2, 0.1)] == [4, 4, 2, 2]
+
+
+def test_paper_path_meets_the_budget_and_leaves_the_model():
+    model = _resnet20()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    example = torch.zeros(1, 1, 32, 32)
+    reference = norton.count_complexity(model, example_inputs=example).macs
+    compressed, details = methods.paper(model, example, 0.2, [], 0)
+    assert details["rank"] == 2 and details["decomposed_macs_fraction"] > 0.2
+    assert abs(methods.macs_fraction(compressed, reference, example) / 0.2 - 1) <= 0.02
+    assert [r["op"] for r in compressed.norton_plan] == ["decompose", "prune"]
+    assert compressed.conv1.rank == 2 and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+# ------------------------------------------------------------------ results file and resume
+def _key(method="paper", budget=0.5, seed=0, epochs=1):
+    return {"model": "resnet_20", "method": method, "budget": budget, "seed": seed, "epochs": epochs,
+            "distill": False}
+
+
+def test_read_results_skips_a_torn_last_line_only(tmp_path):
+    path = tmp_path / "results.jsonl"
+    report.append_result({**_key(), "top1_finetuned": float("nan")}, path)
+    with open(path, "a") as handle:
+        handle.write('{"model": "resnet_20", "meth')  # killed mid-write
+    records = report.read_results(path)
+    assert len(records) == 1 and records[0]["top1_finetuned"] is None  # strict JSON: NaN written as null
+    assert report.done_keys(records) == {report.record_key(_key(budget=0.5000000001))}
+    path.write_text('{"broken\n' + json.dumps(_key()) + "\n")
+    with pytest.raises(ValueError, match=":1 is not a JSON object"):
+        report.read_results(path)
+
+
+def test_a_second_run_skips_the_keys_the_first_wrote(tmp_path, monkeypatch):
+    class FakeData:
+        input_size = (1, 8, 8)
+        splits = None
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten(), torch.nn.Linear(72, 10))
+    monkeypatch.setattr(bench_pareto.data_lib, "build_data", lambda **_: FakeData())
+    monkeypatch.setattr(bench_pareto.data_lib, "trained_baseline",
+                        lambda *a, **k: (model, {"seed": 0, "epochs": 1, "test_top1": 90.0, "train_seconds": 1.0}))
+    monkeypatch.setattr(bench_pareto, "measure", lambda *a, **k: {"macs": 1000, "macs_fraction": 1.0, "params": 5,
+                                                                  "latency_ms_b1": 1.0, "latency_ms_b64": 9.0})
+    calls = []
+
+    def fake_run_one(args, env, data, baseline, base, key):
+        calls.append((key["method"], key["budget"], key["seed"]))
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the run is killed during its second model
+        return {**key, "top1_finetuned": 80.0}
+
+    monkeypatch.setattr(bench_pareto, "run_one", fake_run_one)
+    argv = ["--out", str(tmp_path), "--budgets", "0.5,0.3", "--methods", "paper", "--seeds", "0", "--device", "cpu"]
+    with pytest.raises(KeyboardInterrupt):
+        bench_pareto.run_grid(bench_pareto.parse_args(argv), tmp_path / "results.jsonl")
+    assert calls == [("paper", 0.5, 0), ("paper", 0.3, 0)]
+    bench_pareto.run_grid(bench_pareto.parse_args(argv), tmp_path / "results.jsonl")
+    assert calls[2:] == [("paper", 0.3, 0)]  # 0.5 was done: only the killed one runs again
+    bench_pareto.run_grid(bench_pareto.parse_args(argv), tmp_path / "results.jsonl")
+    assert len(calls) == 3
+    records = report.read_results(tmp_path / "results.jsonl")
+    assert [r["method"] for r in records] == ["baseline", "paper", "paper"]  # the baseline record written once
+
+
+def test_bad_options_are_one_line_errors(capsys):
+    for argv, expected in ((["--budgets", "0.5,1.5"], "--budgets"), (["--methods", "tp-foo"], "unknown method"),
+                           (["--seeds", "a"], "--seeds"), (["--epochs", "0"], "--epochs")):
+        assert bench_pareto.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and expected in err, err
+
+
+# ------------------------------------------------------------------ rendering
+def _record(method, budget, seed, top1, before=10.0, epochs=1):
+    return {**_key(method, budget, seed, epochs), "top1_compressed": before, "top1_finetuned": top1,
+            "macs_fraction": budget - 0.004, "params": 120_000, "latency_ms_b1": 2.0 + seed,
+            "latency_ms_b64": 40.0, "speedup_b64": 1.5 + seed / 10, "compress_seconds": 3.0}
+
+
+def test_table_shows_mean_and_std_over_seeds():
+    records = [_record("paper", 0.5, 0, 91.0), _record("paper", 0.5, 1, 92.0), _record("paper", 0.5, 2, 93.0),
+               _record("tp-l1-uniform", 0.5, 0, 92.5), _record("tp-l1-uniform", 0.3, 0, 90.0, before=None),
+               {**_record("paper", 0.5, 0, 50.0), "model": "resnet_56"}]
+    expected = (
+        "**0.5 of the baseline's MACs**\n"
+        "\n"
+        "| method | fine-tuning epochs | n | top-1 after compression (%) | top-1 after fine-tuning (%) | MACs (fraction) "
+        "| params | latency b=1 (ms) | latency b=64 (ms) | speed-up b=64 (x) | compression (s) |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+        "| tp-l1-uniform | 1 | 1 | 10.00 | 92.50 | 0.496 | 120.0k | 2.00 | 40.0 | 1.50 | 3.0 |\n"
+        "| paper | 1 | 3 | 10.00 ± 0.00 | 92.00 ± 1.00 | 0.496 ± 0.000 | 120.0k ± 0 | 3.00 ± 1.00 | 40.0 ± 0.0 "
+        "| 1.60 ± 0.10 | 3.0 ± 0.0 |\n"
+        "\n"
+        "**0.3 of the baseline's MACs**\n"
+        "\n"
+        "| method | fine-tuning epochs | n | top-1 after compression (%) | top-1 after fine-tuning (%) | MACs (fraction) "
+        "| params | latency b=1 (ms) | latency b=64 (ms) | speed-up b=64 (x) | compression (s) |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+        "| tp-l1-uniform | 1 | 1 | — | 90.00 | 0.296 | 120.0k | 2.00 | 40.0 | 1.50 | 3.0 |"
+    )
+    assert report.render_tables(records, "resnet_20") == expected
+
+
+def test_document_section_is_replaced_between_its_markers_only(tmp_path):
+    doc = tmp_path / "pareto.md"
+    doc.write_text("# Pareto\n\nintro\n")
+    report.write_document(doc, "resnet_20", "first")
+    report.write_document(doc, "resnet_56", "other model")
+    report.write_document(doc, "resnet_20", "second")
+    text = doc.read_text()
+    assert text.startswith("# Pareto\n\nintro\n") and "first" not in text
+    assert text.count("second") == 1 and text.count("other model") == 1
+    assert text.index("second") < text.index("other model")
+
+
+def test_plots_are_small_pngs(tmp_path):
+    records = [_record("paper", b, s, 90.0 + b + s) for b in (0.5, 0.3) for s in (0, 1)]
+    records.append({**_record("baseline", 1.0, 0, 92.6), "details": {"train_seconds": 60.0}})
+    paths = report.plot(records, "resnet_20", tmp_path)
+    assert [p.name for p in paths] == ["pareto_macs.png", "pareto_latency.png"]
+    for path in paths:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size < 200_000
