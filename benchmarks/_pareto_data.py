@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 import norton
-from norton.training.datasets import DataSplits
+from norton.training.datasets import DataSplits, TransformedSubset
 from norton.training.loaders import Loaders
 
 BATCH_SIZE = 128
@@ -35,7 +35,7 @@ class Data:
     """The splits (augmented training images), un-augmented training images for calibration, the input size."""
 
     splits: DataSplits
-    plain_train: torch.utils.data.Dataset  # the same training images with the evaluation transforms
+    plain_train: TransformedSubset  # the same training images with the evaluation transforms
     input_size: tuple[int, int, int]
 
 
@@ -44,6 +44,7 @@ def build_data(*, data_dir: str | None, limit: int | None, seed: int = 0) -> Dat
     common = {"limit": limit, "val_size": 0, "seed": seed, "grey_to_rgb": False, "pad_to_32": True}
     splits = norton.build_datasets("fashion-mnist", data_dir, **common)
     plain = norton.build_datasets("fashion-mnist", data_dir, augment=False, **common)
+    assert isinstance(plain.train, TransformedSubset)  # what build_datasets makes
     return Data(splits=splits, plain_train=plain.train, input_size=splits.input_size)
 
 

@@ -72,16 +72,16 @@ def _human(value: float) -> str:
     return f"{value:.0f}"
 
 
-def mean_std(values: Sequence[float], fmt: str) -> str:
+def mean_std(values: Sequence[float | None], fmt: str) -> str:
     """``"m ± s"`` (sample standard deviation) of ``values``; ``"m"`` alone for one value; ``"—"`` for none."""
-    values = [v for v in values if v is not None and math.isfinite(v)]
-    if not values:
+    known = [float(v) for v in values if v is not None and math.isfinite(v)]
+    if not known:
         return "—"
     show = _human if fmt == "human" else (lambda v: format(v, fmt))
-    mean = statistics.fmean(values)
-    if len(values) == 1:
+    mean = statistics.fmean(known)
+    if len(known) == 1:
         return show(mean)
-    return f"{show(mean)} ± {show(statistics.stdev(values))}"
+    return f"{show(mean)} ± {show(statistics.stdev(known))}"
 
 
 def grouped(records: Iterable[Mapping[str, Any]], model: str) -> dict[tuple[float, str, int, bool], list[Mapping[str, Any]]]:

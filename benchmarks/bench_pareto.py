@@ -48,8 +48,8 @@ from norton.training.distributed import resolve_device
 BASELINE_EPOCHS = {"resnet_20": 8, "resnet_56": 8}
 DEFAULTS = {"budgets": "0.5,0.3,0.2,0.1", "methods": ",".join(METHODS), "seeds": "0,1,2"}
 # --quick: 512 training and 512 test images, one budget, two methods, one epoch (4 steps) everywhere.
-QUICK = {"limit": 512, "budgets": "0.5", "methods": "tp-l1-uniform,paper", "seeds": "0", "epochs": 1,
-         "baseline_epochs": 1}
+QUICK: dict[str, Any] = {"limit": 512, "budgets": "0.5", "methods": "tp-l1-uniform,paper", "seeds": "0",
+                         "epochs": 1, "baseline_epochs": 1}
 
 
 def cpu_name() -> str:
@@ -188,7 +188,7 @@ def run_one(args: argparse.Namespace, env: dict[str, Any], data: data_lib.Data, 
     print(f"  top-1 right after compression {before:.2f}%", flush=True)
     started = time.perf_counter()
     result = norton.fit(compressed, loaders, epochs=args.epochs, **data_lib.FINETUNE_RECIPE, device=args.device,
-                        seed=seed, progress=False, verbose=False, **finetune_kwargs(args, baseline))
+                        seed=seed, progress=False, verbose=True, **finetune_kwargs(args, baseline))
     finetune_seconds = time.perf_counter() - started
     assert result.test is not None
     print(f"  top-1 after {args.epochs} epoch(s) of fine-tuning {result.test['top1']:.2f}% "
