@@ -208,3 +208,57 @@ def test_a_faulty_custom_criterion_is_reported():
         filter_removal_order(conv, lambda layer: torch.tensor([0, 0, 1, 2]))
     with pytest.raises(UserError, match="4 filters"):
         filter_removal_order(conv, lambda layer: torch.arange(3))
+
+
+# ------------------------------------------------------------------ norm-aware pabs
+def _near_parallel_pair_layer() -> nn.Linear:
+    """Filters 0 and 1 nearly parallel (the closest pair), 0 with norm 2 and 1 with norm 0.5.
+
+    Filter 0 leans towards filters 2 and 3, so it has the smaller total distance to the
+    others: pabs removes it (the large one), pabs-norm removes filter 1 (the small one).
+    """
+    layer = nn.Linear(3, 4, bias=False)
+    with torch.no_grad():
+        lean = torch.tensor([1.0, 0.1, 0.1])
+        layer.weight.copy_(torch.stack([
+            2.0 * lean / lean.norm(), torch.tensor([0.5, 0.0, 0.0]),
+            torch.tensor([0.0, 1.0, 0.0]), torch.tensor([0.0, 0.0, 1.0]),
+        ]))
+    return layer
+
+
+def test_pabs_norm_removes_the_smaller_filter_of_a_near_parallel_pair():
+    layer = _near_parallel_pair_layer()
+    distances = pairwise_distance(layer_factors(layer), "pabs")
+    off_diagonal = distances + torch.eye(4) * 10
+    assert divmod(int(off_diagonal.argmin()), 4) in ((0, 1), (1, 0))  # the closest pair is (0, 1)
+    assert distances[0].sum() < distances[1].sum()  # pabs's rule picks filter 0 ...
+    assert filter_removal_order(layer, "pabs")[0] == 0  # ... the one with norm 2: unchanged
+    assert filter_removal_order(layer, "pabs-norm")[0] == 1  # the one with norm 0.5 goes first
+    assert criteria.filter_norms(layer).tolist() == pytest.approx([2.0, 0.5, 1.0, 1.0])
+
+
+def test_pabs_norm_with_equal_norms_is_pabs():
+    torch.manual_seed(21)
+    conv = nn.Conv2d(6, 12, 3)
+    norms = torch.ones(12, dtype=torch.float64)  # every pair ties on norm: the total-distance rule decides
+    distances = pairwise_distance(layer_factors(conv), "pabs")
+    assert torch.equal(removal_order(distances, norms=norms), removal_order(distances))
+    block = CPDBlock(6, 12, 2, 3)  # a CPDBlock's dense filters give the norms
+    assert is_permutation(filter_removal_order(block, "pabs-norm"), 12)
+
+
+def test_removal_order_with_norms_follows_the_rule_by_definition():
+    g = torch.Generator().manual_seed(22)
+    a = torch.rand(15, 15, generator=g, dtype=torch.float64)
+    d = a + a.T
+    norms = torch.rand(15, generator=g, dtype=torch.float64)
+    alive, expected = list(range(15)), []
+    while len(alive) > 1:  # closest pair, then the smaller norm goes
+        i, j = min(((p, q) for p in alive for q in alive if p < q), key=lambda pair: d[pair].item())
+        victim = i if norms[i] < norms[j] else j
+        expected.append(victim)
+        alive.remove(victim)
+    assert removal_order(d, norms=norms).tolist() == expected + alive
+    with pytest.raises(UserError, match=r"norms must have shape \(15,\)"):
+        removal_order(d, norms=torch.ones(3))

@@ -543,3 +543,51 @@ def test_torchvision_models_prune_and_run(name, decomposed):
 )
 def test_large_torchvision_models_prune_and_run(name, decomposed):
     _prune_torchvision(name, decomposed, 64)
+
+
+# ------------------------------------------------------------------ calibration (recovery)
+def _smooth_images(n: int, seed: int) -> Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.nn.functional.interpolate(torch.randn(n, 3, 4, 4, generator=g), size=8, mode="bilinear")
+
+
+@pytest.mark.parametrize("decomposed", [False, True])
+def test_calibration_recovers_the_outputs_and_keeps_the_record_replayable(decomposed):
+    from norton.pruning.plan import describe_prune_record
+    from norton.recovery import recalibrate_batchnorm
+
+    torch.manual_seed(0)
+    batches = [_smooth_images(32, seed) for seed in range(3)]
+    original = recalibrate_batchnorm(TinyResNet(decomposed).eval(), batches)  # statistics of real activations
+    plain = prune(copy.deepcopy(original), x8(), ratio=0.5, criterion=l1_order)
+    recovered = prune(copy.deepcopy(original), x8(), ratio=0.5, criterion=l1_order,
+                      calibration=[(x, torch.zeros(len(x))) for x in batches])  # labels are not read
+    record = recovered.norton_plan[-1]
+    assert record["calibration_images"] == 96 and "recovered on 96 images" in describe_prune_record(record)
+    assert record["removed"] == plain.norton_plan[-1]["removed"]  # the same channels go
+    held_out = _smooth_images(64, 99)
+    with torch.no_grad():
+        want = original(held_out)
+        assert (recovered(held_out) - want).norm() < 0.8 * (plain(held_out) - want).norm()
+        # weights changed, structure did not: the record replays and the state dict loads
+        rebuilt = replay_prune(copy.deepcopy(original), record)
+        rebuilt.load_state_dict(recovered.state_dict())
+        assert torch.equal(rebuilt(held_out), recovered(held_out))
+
+
+@pytest.mark.parametrize(
+    "calibration, message",
+    [
+        ([], "calibration gave no batches"),
+        ([torch.randn(4, 1, 8, 8)], r"images of shape \(1, 8, 8\).*images of shape \(3, 8, 8\)"),
+        ([torch.full((2, 3, 8, 8), float("inf"))], "NaN or infinite"),
+        ([[1, 2]], "each batch must be an input tensor"),
+    ],
+)
+def test_bad_calibration_is_refused_before_any_change(calibration, message):
+    model = TinyResNet().eval()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(UserError, match=message) as error:
+        prune(model, x8(), ratio=0.5, criterion=l1_order, calibration=calibration)
+    assert "\n" not in str(error.value) and not hasattr(model, "norton_plan")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -202,7 +202,7 @@ def test_cp_systems_match_explicit_design_matrices():
         torch.testing.assert_close(rhs, torch.einsum("nsd,sn->nd", z, y))
     # a tiny ridge solves ordinary least squares with a bias column
     theta, beta = ridge_solve(*dense_system(stats), stats, torch.zeros(n, c * kh * kw, dtype=torch.float64),
-                              torch.zeros(n, dtype=torch.float64), 1e-12)
+                              torch.zeros(n, dtype=torch.float64), 1e-12, select=False)
     solution = torch.linalg.lstsq(torch.cat([x, torch.ones(s, 1, dtype=torch.float64)], 1), y).solution.T
     torch.testing.assert_close(theta, solution[:, :-1])
     torch.testing.assert_close(beta, solution[:, -1])

@@ -137,23 +137,42 @@ def residual(gram: Tensor, lin: Tensor, rhs: Tensor, stats: Stats, theta: Tensor
 
 
 def ridge_solve(
-    gram: Tensor, lin: Tensor, rhs: Tensor, stats: Stats, theta0: Tensor, beta0: Tensor | None, ridge: float
+    gram: Tensor, lin: Tensor, rhs: Tensor, stats: Stats, theta0: Tensor, beta0: Tensor | None, ridge: float,
+    *, select: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
     """Unknowns ``(N, D)`` (and bias ``(N,)``) minimising the squared error plus ``lam ||w - w_0||^2``.
 
-    ``gram`` is shared by every filter when its batch size is 1 (one factorisation, ``N``
-    right-hand sides), per filter otherwise (a batched solve).
+    ``lam = ridge * mean(diag(A))`` where ``A`` is the system's Gram; with ``select`` the
+    strength is chosen by generalised cross-validation (Golub et al. 1979) among
+    ``ridge * mean(diag(A)) * 10^k``, ``k = 0..6``: the least ``RSS(lam) / (1 - df(lam) / S)^2``
+    with ``df`` the effective number of parameters, so a layer with few samples per unknown
+    (a classifier refitted on a few hundred images) is shrunk towards ``w_0`` instead of
+    overfitting. All strengths come from one eigendecomposition. ``gram`` is shared by every
+    filter when its batch size is 1 (one strength for the layer), per filter otherwise.
     """
     a, b = _augmented(gram, lin, rhs, stats, beta0 is not None)
     w0 = (theta0 if beta0 is None else torch.cat([theta0, beta0.unsqueeze(1)], 1)).to(a.dtype)  # (N, D')
-    d = a.shape[-1]
+    shared = a.shape[0] == 1
     scale = a.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)  # (B,)
-    lam = ridge * scale  # (B,)
-    eye = torch.eye(d, dtype=a.dtype, device=a.device)
-    if a.shape[0] == 1:
-        w = torch.linalg.solve(a[0] + lam[0] * eye, (b + lam[0] * w0).T).T  # (N, D')
-    else:
-        w = torch.linalg.solve(a + lam[:, None, None] * eye, (b + lam[:, None] * w0).unsqueeze(-1)).squeeze(-1)
+    powers = torch.arange(7 if select else 1, dtype=a.dtype, device=a.device)
+    grid = ridge * scale[:, None] * 10.0**powers  # (B, G)
+    # Solve for the change v = w - w_0: (A + lam I) v = b - A w_0, in A's eigenbasis for every lam at once.
+    evals, vecs = torch.linalg.eigh(a)  # (B, D'), (B, D', D')
+    evals = evals.clamp_min(0)
+    pull = b - (w0 @ a[0] if shared else (a @ w0.unsqueeze(-1)).squeeze(-1))  # (N, D')
+    coords = pull @ vecs[0] if shared else torch.einsum("nd,nde->ne", pull, vecs)  # (N, D')
+    shrink = 1 / (evals[:, None, :] + grid[..., None])  # (B, G, D')
+    # RSS(w_0 + v) = RSS(w_0) - sum_d c_d^2 (2 s_d - s_d^2 e_d), with v's coordinates c_d s_d
+    gain = torch.einsum("nd,bgd->ngd", coords.square(), 2 * shrink - shrink.square() * evals[:, None, :]).sum(-1)
+    rss = residual(gram, lin, rhs, stats, theta0.to(a.dtype), None if beta0 is None else beta0.to(a.dtype))
+    rss = (rss[:, None] - gain).clamp_min(0)  # (N, G)
+    df = (evals[:, None, :] * shrink).sum(-1)  # (B, G)
+    fraction = 1 - df / max(stats.count, 1)
+    gcv = torch.where(fraction > 0, (rss.sum(0, keepdim=True) if shared else rss) / fraction.square(), torch.inf)
+    pick = gcv.argmin(-1)  # (1,) or (N,): the chosen strength
+    chosen = shrink[torch.arange(shrink.shape[0]), pick]  # (B, D')
+    delta = coords * chosen  # (N, D') in the eigenbasis
+    w = w0 + (delta @ vecs[0].T if shared else torch.einsum("ne,nde->nd", delta, vecs))
     if beta0 is None:
         return w, None
     return w[:, :-1], w[:, -1]

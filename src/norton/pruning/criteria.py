@@ -14,13 +14,15 @@ that produced it.
 - ``"pabs"``: distance = sum of the principal angles between the head
   subspaces, plus those of the body and of the tail subspaces.
 - ``"csa"``: similarity = sum of ``cos^2`` of the same angles.
+- ``"pabs-norm"``: pabs's distance and greedy pairs, but within the closest pair the
+  filter with the smaller norm goes first (not the one closer to all the others).
 - ``"vbd"``: variance-based distance ``Var(w_i - w_j) / (Var(w_i) + Var(w_j))``
   between the dense filters.
 - ``"l1"``, ``"random"``: baselines.
 
 Distance criteria become an order greedily (:func:`removal_order`): take the
-closest remaining pair, remove the member closer to all remaining filters,
-repeat. See docs/pruning_criteria.md for the definitions, edge cases and how
+closest remaining pair, remove the member closer to all remaining filters
+(``"pabs-norm"``: the member with the smaller filter norm), repeat. See docs/pruning_criteria.md for the definitions, edge cases and how
 they differ from the reference implementation. The distances themselves
 (principal angles, batched over all pairs) live in :mod:`norton.pruning.angles`.
 """
@@ -47,7 +49,7 @@ from norton.pruning.angles import (
 
 __all__ = [
     "MEASURES", "Criterion", "L1NormCriterion", "Measure", "RandomCriterion", "SubspaceCriterion",
-    "VarianceCriterion", "filter_removal_order", "filters_to_keep", "get_criterion",
+    "VarianceCriterion", "filter_norms", "filter_removal_order", "filters_to_keep", "get_criterion",
     "importance_from_removal_order", "layer_factors", "list_criteria", "pairwise_distance",
     "principal_angles", "register_criterion", "removal_order", "variance_based_distance",
 ]
@@ -57,14 +59,15 @@ Criterion = Callable[[nn.Module], Tensor]
 
 # --------------------------------------------------------------------------- greedy order
 @torch.no_grad()
-def removal_order(distance_matrix: Tensor, *, similarity: bool = False) -> Tensor:
+def removal_order(distance_matrix: Tensor, *, similarity: bool = False, norms: Tensor | None = None) -> Tensor:
     """Greedy removal order ``(N,)`` from a symmetric distance (or similarity) matrix ``(N, N)``.
 
     Repeatedly take the closest remaining pair (largest similarity when
     ``similarity``), remove the member with the smaller total distance (larger
     total similarity) to the remaining filters, i.e. the more redundant one;
     ties remove the higher index. The filter left last is the most important.
-    Returns a CPU LongTensor.
+    With ``norms (N,)``, the member of the pair with the smaller norm is removed
+    instead (equal norms fall back to the total-distance rule). Returns a CPU LongTensor.
     """
     if not isinstance(distance_matrix, Tensor) or distance_matrix.ndim != 2:
         raise UserError("removal_order expects a square (N, N) distance matrix")
@@ -77,6 +80,9 @@ def removal_order(distance_matrix: Tensor, *, similarity: bool = False) -> Tenso
     np.fill_diagonal(base, 0.0)
     if not np.isfinite(base).all():
         raise UserError("removal_order: the distance matrix has NaN or infinite entries")
+    if norms is not None and (not isinstance(norms, Tensor) or norms.shape != (n,)):
+        raise UserError(f"removal_order: norms must have shape ({n},), got {getattr(norms, 'shape', norms)!r}")
+    size = None if norms is None else norms.detach().to("cpu", torch.float64).numpy()  # (N,)
     if n == 0:
         return torch.empty(0, dtype=torch.long)
     # The N steps are inherently sequential. Each is O(N) thanks to cached nearest
@@ -93,7 +99,10 @@ def removal_order(distance_matrix: Tensor, *, similarity: bool = False) -> Tenso
         j = int(neighbour[i])
         # totals to the remaining filters, summed afresh: a running total drifts by
         # rounding, which breaks exact ties (always one at the last step)
-        victim = i if base[i, alive].sum() < base[j, alive].sum() else j
+        if size is not None and size[i] != size[j]:
+            victim = i if size[i] < size[j] else j  # norm-aware: the weaker of two near-parallel filters
+        else:
+            victim = i if base[i, alive].sum() < base[j, alive].sum() else j
         order[step] = victim
         alive[victim] = False
         work[victim, :] = np.inf
@@ -137,6 +146,11 @@ def _output_filters(layer: nn.Module) -> Tensor:
     raise UserError(
         f"pruning criteria support CPDBlock, nn.Conv1d/2d/3d and nn.Linear layers, got {type(layer).__name__}"
     )
+
+
+def filter_norms(layer: nn.Module) -> Tensor:
+    """Frobenius norm ``(N,)`` of each output filter (a CPDBlock's dense-equivalent filters), float64."""
+    return _output_filters(layer).flatten(1).double().norm(dim=1)
 
 
 def layer_factors(layer: nn.Module, *, rank: int | None = None) -> tuple[Tensor, ...]:
@@ -190,22 +204,30 @@ class SubspaceCriterion:
         measure: ``"pabs"`` or ``"csa"``.
         rank: for layers that are not CPDBlocks, compare the leading ``rank``
             singular subspaces of the filters' unfoldings (None: all of them).
+        smaller_norm_first: within each closest pair of the greedy order, remove the
+            filter whose dense weight has the smaller Frobenius norm (``"pabs-norm"``)
+            rather than the one with the smaller total distance to the others.
     """
 
-    def __init__(self, measure: Literal["pabs", "csa"] = "pabs", *, rank: int | None = None) -> None:
+    def __init__(
+        self, measure: Literal["pabs", "csa"] = "pabs", *, rank: int | None = None, smaller_norm_first: bool = False
+    ) -> None:
         if measure not in ("pabs", "csa"):
             raise UserError(f"SubspaceCriterion measure must be 'pabs' or 'csa', got {measure!r}")
         self.measure = measure
         self.rank = rank
+        self.smaller_norm_first = smaller_norm_first
 
     @torch.no_grad()
     def __call__(self, layer: nn.Module) -> Tensor:
         factors = layer_factors(layer, rank=self.rank)
         values = pairwise_distance(factors, self.measure)
-        return removal_order(values, similarity=self.measure == "csa")
+        norms = filter_norms(layer) if self.smaller_norm_first else None
+        return removal_order(values, similarity=self.measure == "csa", norms=norms)
 
     def __repr__(self) -> str:
-        return f"SubspaceCriterion({self.measure!r}, rank={self.rank})"
+        extra = ", smaller_norm_first=True" if self.smaller_norm_first else ""
+        return f"SubspaceCriterion({self.measure!r}, rank={self.rank}{extra})"
 
 
 class VarianceCriterion:
@@ -291,6 +313,7 @@ def list_criteria() -> list[str]:
 
 register_criterion("pabs")(SubspaceCriterion("pabs"))
 register_criterion("csa")(SubspaceCriterion("csa"))
+register_criterion("pabs-norm")(SubspaceCriterion("pabs", smaller_norm_first=True))
 register_criterion("vbd")(VarianceCriterion())
 register_criterion("l1")(L1NormCriterion())
 register_criterion("random")(RandomCriterion(seed=0))

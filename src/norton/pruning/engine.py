@@ -14,10 +14,13 @@ and depthwise convolutions. One code path serves every architecture:
    mean over its layers of per-layer normalised rank scores) and remove the lowest,
    step by step, on a working copy (this module);
 4. write what was removed as a plain-data record and replay it on the caller's
-   model (:mod:`norton.pruning.plan`), which therefore changes only on success.
+   model (:mod:`norton.pruning.plan`), which therefore changes only on success;
+5. with ``calibration=``: refit the consumers of removed channels to reproduce the
+   unpruned layers' outputs and re-estimate BatchNorm statistics (:mod:`norton.recovery`).
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -26,7 +29,7 @@ import torch_pruning as tp
 from torch import Tensor, nn
 
 from norton.errors import UserError
-from norton.example_inputs import ExampleInputs
+from norton.example_inputs import ExampleInputs, model_device
 from norton.limits import MAX_STEPS, check_int, check_ratios, check_target_macs
 from norton.limits import check_round_to as check_round_to_value
 from norton.pruning.budget import (
@@ -74,6 +77,7 @@ def prune(
     round_to: int | None = None,
     iterative_steps: int = 1,
     prune_linear: bool = False,
+    calibration: Iterable[Any] | None = None,
 ) -> nn.Module:
     """Remove filters of ``model`` in place and return it; ``model`` is unchanged if this raises.
 
@@ -109,17 +113,37 @@ def prune(
             remaining filters after each (a criterion comparing filters with each
             other then sees the survivors only).
         prune_linear: also remove hidden units of ``nn.Linear`` layers.
+        calibration: unlabeled data to recover with before any fine-tuning: an iterable of
+            batches, each an input tensor or an ``(input, target)`` pair (a DataLoader over a
+            few hundred training images; targets are not read). After the surgery every
+            layer that lost input channels is refitted by least squares to reproduce the
+            unpruned layer's output, then BatchNorm statistics are re-estimated
+            (:func:`norton.recovery.refit_pruned_consumers`, :func:`norton.recovery.recalibrate_batchnorm`).
+            It is read and checked before anything else; the record notes how many images it had.
 
     The record :func:`plan_prune` returns is applied with :func:`replay_prune`,
     which appends it to ``model.norton_plan``. Asking for a removal that removes
     nothing (no prunable layer, every layer protected, widths too small) is a ``UserError``.
     """
+    inputs = None
+    if calibration is not None:  # read and checked before any work: a bad iterable leaves the model as it is
+        from norton.calibration import calibration_inputs, count_images
+
+        inputs = calibration_inputs(calibration, example_inputs, device=model_device(model))
     record = plan_prune(
         model, example_inputs, ratio=ratio, compress_rate=compress_rate, target_macs=target_macs,
         criterion=criterion, ignored_layers=ignored_layers, round_to=round_to,
         iterative_steps=iterative_steps, prune_linear=prune_linear,
     )
-    return replay_prune(model, record)
+    if inputs is None:
+        return replay_prune(model, record)
+    from norton.recovery import recalibrate_batchnorm, refit_pruned_consumers
+
+    unpruned = copy.deepcopy(model)
+    record["calibration_images"] = count_images(inputs)
+    replay_prune(model, record)
+    refit_pruned_consumers(unpruned, model, inputs)
+    return recalibrate_batchnorm(model, inputs)
 
 
 def check_round_to(round_to: int | None, compress_rate: Any) -> None:

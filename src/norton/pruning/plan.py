@@ -9,6 +9,9 @@ channels *before* the prune::
      "removed_inputs": {"features.conv1": [3, 17]},
      "criterion": "pabs", "amount": {"ratio": 0.5}}
 
+``"calibration_images": n`` says the weights were then refitted on ``n`` calibration
+images (``prune(calibration=...)``); it is informational, replay does not use it.
+
 Every affected layer is listed (convolutions, CPDBlocks, batch norms, depthwise
 convolutions, linear layers), so :func:`replay_prune` is plain slicing: it needs
 no dependency graph, no example input and no criterion, and it rebuilds the
@@ -100,6 +103,9 @@ def check_prune_record(record: Mapping[str, Any]) -> None:
     steps = record.get("iterative_steps")
     if steps is not None:
         check_int(steps, "prune record's iterative_steps", maximum=MAX_STEPS)
+    images = record.get("calibration_images")  # weights refitted on this many images (no effect on replay)
+    if images is not None:
+        check_int(images, "prune record's calibration_images")
 
 
 def replay_prune(model: nn.Module, record: Mapping[str, Any]) -> nn.Module:
@@ -163,6 +169,8 @@ def describe_prune_record(record: Mapping[str, Any]) -> str:
         details.append(amount)
     if record.get("iterative_steps"):
         details.append(f"{record['iterative_steps']} steps")
+    if record.get("calibration_images"):
+        details.append(f"recovered on {record['calibration_images']} images")
     suffix = f" ({', '.join(details)})" if details else ""
     return f"prune {sum(len(v) for v in removed.values())} output channels in {len(removed)} layers{suffix}"
 
