@@ -23,6 +23,7 @@ filled piece by piece. The tables (mean ± std over seeds) and the two plots go 
 from __future__ import annotations
 
 import argparse
+import copy
 import inspect
 import os
 import platform
@@ -167,6 +168,7 @@ def top1(model: nn.Module, loader: Any, device: str) -> float:
 def finetune_kwargs(args: argparse.Namespace, teacher: nn.Module) -> dict[str, Any]:
     if not args.distill:
         return {}
+    teacher = copy.deepcopy(teacher).to(resolve_device(args.device)).eval().requires_grad_(False)
     return {"teacher": teacher, "distill_alpha": args.distill_alpha, "distill_temperature": args.distill_temperature}
 
 
@@ -184,7 +186,7 @@ def run_one(args: argparse.Namespace, env: dict[str, Any], data: data_lib.Data, 
     fraction = macs_fraction(compressed, base_record["macs"], example)
     print(f"  compressed in {compress_seconds:.1f} s to {fraction:.3f} of the MACs ({details})", flush=True)
     loaders = data_lib.loaders_for(data, seed)
-    before = top1(compressed, loaders.test, device)
+    before = top1(compressed.to(device), loaders.test, device)
     print(f"  top-1 right after compression {before:.2f}%", flush=True)
     started = time.perf_counter()
     result = norton.fit(compressed, loaders, epochs=args.epochs, **data_lib.FINETUNE_RECIPE, device=args.device,
@@ -250,8 +252,8 @@ def run_grid(args: argparse.Namespace, results: Path) -> None:
         print(label, flush=True)
         try:
             record = run_one(args, env, data, baseline, base, key)
-        except MethodUnavailable as error:
-            print(f"  {error}", flush=True)
+        except (MethodUnavailable, UserError) as error:  # e.g. a budget a method cannot reach: the others go on
+            print(f"  {key['method']} failed: {error}", flush=True)
             continue
         report.append_result(record, results)
         done.add(report.record_key(key))
