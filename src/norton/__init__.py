@@ -24,6 +24,7 @@ _EXPORTS = {
     "tucker2": "norton.decomposition.tucker2",
     "low_rank_matrix": "norton.decomposition.svd",
     "spatial_svd": "norton.decomposition.svd",
+    "evbmf_rank": "norton.decomposition.rank_selection",
     "cp_to_tensor": "norton.decomposition.cp_tensor",
     "decompose": "norton.decomposition.decompose",
     "MaxError": "norton.decomposition.decompose",
