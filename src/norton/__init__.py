@@ -25,6 +25,7 @@ _EXPORTS = {
     "low_rank_matrix": "norton.decomposition.svd",
     "spatial_svd": "norton.decomposition.svd",
     "evbmf_rank": "norton.decomposition.rank_selection",
+    "layer_cp": "norton.decomposition.layer_cp",
     "cp_to_tensor": "norton.decomposition.cp_tensor",
     "decompose": "norton.decomposition.decompose",
     "MaxError": "norton.decomposition.decompose",
