@@ -318,7 +318,8 @@ def _rank_chooser(rank: Any, spec: DecompositionMethod) -> Mapping[str, Any] | R
             raise UserError(f"a pair of ranks {tuple(rank)!r} is for method='tucker2' (R1, R2); {spec.name} takes one int")
         return ("fixed", tuple(rank))
     if isinstance(rank, str) or (hasattr(rank, "kind") and hasattr(rank, "value")):
-        return _parse_spec(rank)
+        kind, value = _parse_spec(rank)
+        return _rank_chooser(value, spec) if kind == "fixed" else (kind, value)
     if isinstance(rank, MaxError):
         if spec.name != DEFAULT_METHOD:
             raise UserError(f"MaxError chooses CP ranks of cp-filter only; for {spec.name} use 'energy:F' or 'vbmf'")
