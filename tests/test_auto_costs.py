@@ -43,9 +43,9 @@ def test_predicted_macs_equal_the_count_of_the_compressed_model(seed):
     choice = torch.randint(0, 3, (len(macs.layers),), generator=generator)
 
     compressed = copy.deepcopy(model)
-    ratio = {g.layers[0]: (g.channels - k - 0.5) / g.channels for g, k in zip(groups, keep.tolist()) if k < g.channels}
+    ratio = {g.layers[0]: (g.channels - k - 0.5) / g.channels for g, k in zip(groups, keep.tolist(), strict=True) if k < g.channels}
     norton.prune(compressed, x, ratio=ratio, criterion="l1")
-    ranks = {name: macs.options[name][int(c)].rank for name, c in zip(macs.layers, choice) if int(c) > 0}
+    ranks = {name: macs.options[name][int(c)].rank for name, c in zip(macs.layers, choice, strict=True) if int(c) > 0}
     norton.decompose(compressed, ranks, progress=False)
 
     predicted = float(macs(keep[None], choice[None])[0])

@@ -79,6 +79,6 @@ def test_curves_start_at_zero_rise_and_need_no_labels():
     prune_curve, decompose_curve = sensitivity_curves(net, inputs, units, samples=8)
     for curve in (prune_curve, decompose_curve):
         assert curve.costs[0] == 0
-        assert all(b >= a for a, b in zip(curve.costs, curve.costs[1:]))
+        assert all(b >= a for a, b in zip(curve.costs, curve.costs[1:], strict=False))
         assert curve.costs[-1] > 0
     assert prune_curve.levels == [8, 6, 4, 2]

@@ -88,6 +88,34 @@ def test_target_macs_is_a_fraction_of_the_original_in_either_order(tiny_loaders,
 
 
 @pytest.mark.slow
+def test_a_budget_alone_runs_auto_compress_in_one_fine_tuned_stage(tiny_loaders, tmp_path):
+    model = create_model("resnet_20")
+    result = compress(
+        model, tiny_loaders, input_size=(3, 32, 32), rank=None, target_macs=0.4, prune_finetune=ONE_EPOCH,
+        output_dir=tmp_path, device="cpu", progress=False, log=lambda m: None,
+    )
+    baseline, auto = result.stages
+    assert auto["name"] == "auto" and auto["finetune_epochs"] == 1
+    assert auto["macs"] / baseline["macs"] == pytest.approx(0.4, rel=0.02)
+    assert 0 <= auto["validation_top1_before_finetune"] <= 100
+    assert {step["op"] for step in result.model.norton_plan} <= {"prune", "decompose"}
+    loaded = norton.load(tmp_path / "auto" / "final.pt").eval()
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(loaded(x), result.model.eval()(x), rtol=1e-4, atol=1e-5)
+
+
+def test_the_order_and_criterion_follow_what_is_given():
+    from norton.compress_arguments import resolve_criterion, resolve_order
+
+    assert resolve_order(None, rank=None, compress_rate=None, ratio=None, target_macs=0.3) == "auto"
+    assert resolve_order(None, rank=3, compress_rate=None, ratio=None, target_macs=0.3) == "decompose-prune"
+    assert resolve_order(None, rank=None, compress_rate=None, ratio=0.5, target_macs=None) == "decompose-prune"
+    assert resolve_order("prune-decompose", rank=3, compress_rate=None, ratio=0.5, target_macs=None) == "prune-decompose"
+    assert resolve_criterion(None, "auto") == "l1" and resolve_criterion(None, "decompose-prune") == "pabs"
+    assert resolve_criterion("csa", "auto") == "csa"
+
+
+@pytest.mark.slow
 def test_a_target_the_decomposition_already_meets_prunes_nothing(tiny_loaders):
     lines = []
     result = compress(
@@ -125,6 +153,8 @@ def test_a_target_the_decomposition_already_meets_prunes_nothing(tiny_loaders):
         ({"rank": None, "ratio": 0.2, "round_to": 0}, "round_to"),
         ({"rank": 2, "input_size": (3, 100_000, 100_000)}, "too large"),
         ({"rank": 2, "resume": True}, "resume needs the output folder"),
+        ({"rank": 2, "target_macs": 0.5, "order": "auto"}, "order 'auto' chooses every layer"),
+        ({"rank": None, "target_macs": 0.5, "round_to": 8}, "order 'auto' does not take round_to"),
     ],
 )
 def test_bad_arguments_fail_before_any_work(kwargs, message):

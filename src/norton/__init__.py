@@ -63,6 +63,8 @@ _EXPORTS = {
     "distillation_loss": "norton.training.distillation",
     "Distillation": "norton.training.distillation",
     "compress": "norton.pipeline",
+    "auto_compress": "norton.auto.compress",
+    "AutoReport": "norton.auto.compress",
     "run_compression": "norton.workflow",
     "list_operations": "norton.plan",
     "replay_plan": "norton.plan",

@@ -25,7 +25,9 @@ from norton.limits import (
 )
 from norton.training.recipes import DISTILL_ALPHA, DISTILL_TEMPERATURE, check_recipe
 
-ORDERS = ("decompose-prune", "prune-decompose")
+ORDERS = ("decompose-prune", "prune-decompose", "auto")
+AUTO_CRITERION = "l1"  # auto_compress's default: the criterion its allocation was measured with
+PAPER_CRITERION = "pabs"
 
 
 @dataclass
@@ -68,6 +70,22 @@ class FineTune:
         return self
 
 
+def resolve_order(order: str | None, *, rank: Any, compress_rate: Any, ratio: Any, target_macs: Any) -> str:
+    """The order a run takes when none is given: ``"auto"`` for a MACs budget with no rank, else NORTON's."""
+    if order is not None:
+        return order
+    if target_macs is not None and rank is None and compress_rate is None and ratio is None:
+        return "auto"
+    return "decompose-prune"
+
+
+def resolve_criterion(criterion: str | None, order: str) -> str:
+    """The criterion a run uses when none is given: auto_compress's for ``"auto"``, the paper's otherwise."""
+    if criterion is not None:
+        return criterion
+    return AUTO_CRITERION if order == "auto" else PAPER_CRITERION
+
+
 def check_compress_arguments(
     *,
     rank: Any,
@@ -89,6 +107,14 @@ def check_compress_arguments(
 
     if order not in ORDERS:
         raise UserError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
+    if order == "auto":
+        if target_macs is None or rank is not None or compress_rate is not None or ratio is not None:
+            raise UserError(
+                "order 'auto' chooses every layer's width and rank itself: give target_macs only "
+                "(no rank, ratio or compress_rate)"
+            )
+        if round_to is not None:
+            raise UserError("order 'auto' does not take round_to yet: leave it out, or give a rank to use NORTON's path")
     given = {k: v for k, v in (("compress_rate", compress_rate), ("ratio", ratio), ("target_macs", target_macs))
              if v is not None}
     if len(given) > 1:

@@ -23,7 +23,13 @@ from torch import nn
 from norton.complexity import count_complexity, original_complexity
 
 # Re-exported: the arguments of compress() are defined (and checked without torch) there.
-from norton.compress_arguments import FineTune, check_compress_arguments, check_compress_output
+from norton.compress_arguments import (
+    FineTune,
+    check_compress_arguments,
+    check_compress_output,
+    resolve_criterion,
+    resolve_order,
+)
 from norton.decomposition.cpd_block import CPDBlock
 from norton.decomposition.decompose import RankSpec, decompose, eligible_convs, replay_decompose
 from norton.limits import (
@@ -76,9 +82,9 @@ def compress(
     compress_rate: str | Sequence[float] | None = None,
     ratio: float | Mapping[str, float] | None = None,
     target_macs: float | None = None,
-    criterion: str = "pabs",
+    criterion: str | None = None,
     round_to: int | None = None,
-    order: str = "decompose-prune",
+    order: str | None = None,
     decompose_finetune: FineTune | None = None,
     prune_finetune: FineTune | None = None,
     output_dir: str | Path | None = None,
@@ -99,16 +105,22 @@ def compress(
         compress_rate, ratio, target_macs: how much to prune (at most one; none skips
             pruning). ``target_macs`` is the fraction of the *original* model's MACs
             the final model keeps, whatever the order.
-        criterion: pruning criterion name (``pabs``, ``csa``, ``vbd``, ``l1``, ``random``).
+        criterion: pruning criterion name (``pabs``, ``csa``, ``vbd``, ``l1``, ``random``, ...);
+            ``None``: ``l1`` for ``order="auto"``, the paper's ``pabs`` otherwise.
         round_to: make every pruned width a multiple of this (``ratio`` and ``target_macs``;
             e.g. 16 for the 16-channel blocks of oneDNN and onnxruntime on AVX-512 CPUs).
-        order: ``"decompose-prune"`` (NORTON) or ``"prune-decompose"``.
+        order: ``"decompose-prune"`` (NORTON), ``"prune-decompose"``, or ``"auto"``: one stage,
+            :func:`norton.auto_compress` to ``target_macs`` with 512 training images (labels
+            unused) as calibration, fine-tuned with ``prune_finetune``. ``None``: ``"auto"`` when
+            only ``target_macs`` is given, else ``"decompose-prune"``.
         decompose_finetune, prune_finetune: recipes of the two fine-tuning stages. A stage whose
             recipe has ``distill=True`` distils from the uncompressed ``model`` (a frozen copy taken
             before the first stage) as its teacher.
         output_dir: where stage folders go; ``None`` writes nothing (no resume).
         resume: continue a killed run in ``output_dir``.
     """
+    order = resolve_order(order, rank=rank, compress_rate=compress_rate, ratio=ratio, target_macs=target_macs)
+    criterion = resolve_criterion(criterion, order)
     amounts = check_compress_arguments(
         rank=rank, compress_rate=compress_rate, ratio=ratio, target_macs=target_macs, criterion=criterion,
         round_to=round_to, order=order, decompose_finetune=decompose_finetune, prune_finetune=prune_finetune,
@@ -155,9 +167,18 @@ def compress(
             amount["target_macs"] = goal
         return _prune(m, example, criterion=criterion, round_to=round_to, **amount)
 
+    def auto_step(m: nn.Module) -> nn.Module:
+        from norton.auto import auto_compress
+
+        assert target_macs is not None  # check_compress_arguments requires it for "auto"
+        return auto_compress(m, example, target_macs=target_macs, calibration=loaders.train, criterion=criterion,
+                             progress=progress)
+
     steps: list[tuple[str, Callable[[nn.Module], nn.Module], FineTune]] = []
     do_prune = bool(amounts)
-    if order == "decompose-prune":
+    if order == "auto":
+        steps.append(("auto", auto_step, prune_finetune))
+    elif order == "decompose-prune":
         if rank is not None:
             steps.append(("decomposed", decompose_step, decompose_finetune))
         if do_prune:
@@ -183,6 +204,8 @@ def check_rank_fits(model: nn.Module, rank: RankSpec | None) -> None:
     if isinstance(rank, bool) or not isinstance(rank, int):
         return  # None, or a mapping or rule: decompose() checks each layer's rank before its CP-ALS
     for name, conv in eligible_convs(model).items():
+        if not isinstance(conv, nn.Conv2d):
+            continue  # cp-filter, the pipeline's method, only takes convolutions
         check_rank(rank, f"rank for layer {name!r}", in_channels=conv.in_channels,
                    kernel_size=(int(conv.kernel_size[0]), int(conv.kernel_size[1])))
 

@@ -22,7 +22,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from norton.compress_arguments import FineTune, check_compress_arguments, check_compress_output
+from norton.compress_arguments import (
+    FineTune,
+    check_compress_arguments,
+    check_compress_output,
+    resolve_criterion,
+    resolve_order,
+)
 from norton.errors import UserError
 from norton.limits import check_epochs, check_int, check_learning_rate, check_loader_options, check_split_options
 from norton.training import DATASETS
@@ -85,9 +91,9 @@ def run_compression(
     compress_rate: str | Sequence[float] | None = None,
     ratio: float | Mapping[str, float] | None = None,
     target_macs: float | None = None,
-    criterion: str = "pabs",
+    criterion: str | None = None,
     round_to: int | None = None,
-    order: str = "decompose-prune",
+    order: str | None = None,
     baseline_epochs: int | None = None,
     baseline_lr: float = 0.1,
     decompose_finetune: FineTune | None = None,
@@ -139,6 +145,8 @@ def run_compression(
         check_int(train_limit, "train_limit")
     if dataset is not None and splits is None and dataset not in DATASETS:
         raise UserError(f"unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}")
+    order = resolve_order(order, rank=rank, compress_rate=compress_rate, ratio=ratio, target_macs=target_macs)
+    criterion = resolve_criterion(criterion, order)
     # Last of the checks: a pruning criterion is looked up in its registry, which imports torch.
     amounts = check_compress_arguments(
         rank=rank, compress_rate=compress_rate, ratio=ratio, target_macs=target_macs, criterion=criterion,

@@ -29,7 +29,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from norton.auto.allocation import Allocation, allocate
 from norton.auto.costs import ChoiceMacs, LayerOption, cp_filter_coefficients
@@ -155,7 +154,7 @@ def _plan(
     criterion: str, ranks: Sequence[int], fractions: Sequence[float], sensitivity_images: int, samples: int,
     ignored_layers: Iterable[str | nn.Module], progress: bool,
 ) -> tuple[Allocation, nn.Module, _Plan]:
-    from norton.decomposition.cp_als import cp_als
+    from norton.decomposition.cp_als import cp_als_many
     from norton.decomposition.cp_tensor import cp_to_tensor
     from norton.decomposition.decompose import eligible_convs
     from norton.pruning.budget import MacModel
@@ -170,7 +169,10 @@ def _plan(
         parameter.requires_grad_(False)
     widths = MacModel(work, example_inputs, groups)
     leaf_names = list(MacModel._leaves(work, example_inputs))
-    convs = {name: conv for name, conv in eligible_convs(work).items() if name in leaf_names}
+    convs = {
+        name: conv for name, conv in eligible_convs(work).items()
+        if name in leaf_names and isinstance(conv, nn.Conv2d)
+    }
     shapes = module_input_shapes(work, convs, example_inputs, eval_mode=True)
     options: dict[str, list[LayerOption]] = {}
     for name, conv in convs.items():
@@ -206,15 +208,14 @@ def _plan(
             and consumer_layer(item.dep.target.module)
         ]
         units.append(prune_unit(group.layers[0], torch.argsort(scores, stable=True), consumers, fractions))
-    bar = tqdm(macs.layers, desc="cp-als", unit="layer", disable=not progress, leave=False)
-    for name in bar:
-        conv = convs[name]
-        kernels: list[Tensor | None] = [None]
-        for option in options[name][1:]:
-            assert option.rank is not None
-            factors, _ = cp_als(conv.weight.detach(), option.rank, n_iter_max=50, tol=1e-5)
-            kernels.append(cp_to_tensor(factors).to(conv.weight.dtype))
-        units.append(decompose_unit(name, conv, kernels))
+    # One batched CP-ALS per rank over every layer that offers it (cp_als_many shares the sweeps).
+    kernels: dict[str, list[Tensor | None]] = {name: [None] for name in macs.layers}
+    for rank in sorted({o.rank for name in macs.layers for o in options[name][1:] if o.rank}, reverse=True):
+        wanted = [name for name in macs.layers if any(o.rank == rank for o in options[name][1:])]
+        fitted = cp_als_many([convs[n].weight.detach() for n in wanted], rank, n_iter_max=25, tol=1e-4)
+        for name, (factors, _) in zip(wanted, fitted, strict=True):
+            kernels[name].append(cp_to_tensor(factors).to(convs[name].weight.dtype))
+    units.extend(decompose_unit(name, convs[name], kernels[name]) for name in macs.layers)
     curves = iter(sensitivity_curves(
         work, inputs[:_images(inputs, sensitivity_images)], units, samples=samples, progress=progress,
     ))

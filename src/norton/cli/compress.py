@@ -4,9 +4,10 @@ As in the paper::
 
     norton compress --arch resnet_56 --ckpt baseline.pt -r 4 -cpr "[0.]+[0.18]*29" --data_dir ~/data
 
-or by a MACs budget for any model::
+or by a MACs budget for any model, every layer's width and rank chosen from data
+(``auto_compress``; give ``-r`` to take NORTON's uniform path instead)::
 
-    norton compress --arch torchvision.resnet18 --dataset imagenet -r 8 --target-macs 0.5 ...
+    norton compress --arch torchvision.resnet18 --dataset imagenet --target-macs 0.5 ...
 
 with the uncompressed model teaching every fine-tuning stage (knowledge distillation)::
 
@@ -24,7 +25,8 @@ from norton.errors import UserError
 from norton.report import format_table
 from norton.workflow import run_compression
 
-CRITERIA_HELP = "pruning criterion: pabs (the paper's), csa, vbd, l1 or random (default pabs)"
+CRITERIA_HELP = ("pruning criterion: pabs (the paper's), pabs-norm, csa, vbd, l1 or random "
+                 "(default: pabs, or l1 with --order auto)")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -53,16 +55,18 @@ def add_compression_options(parser: argparse.ArgumentParser) -> None:
     how.add_argument("--ratio", type=float, default=None, help="fraction of filters removed from every prunable layer")
     how.add_argument("--target-macs", "--target_macs", dest="target_macs", type=float, default=None,
                      help="fraction of the original (uncompressed) model's MACs to keep, in (0, 1], e.g. 0.33")
-    group.add_argument("--criterion", default="pabs", help=CRITERIA_HELP)
+    group.add_argument("--criterion", default=None, help=CRITERIA_HELP)
     add_round_to_option(group)
-    group.add_argument("--order", default="decompose-prune", choices=ORDERS,
-                       help="decompose then prune (NORTON, default) or the reverse")
+    group.add_argument("--order", default=None, choices=ORDERS,
+                       help="decompose then prune (NORTON), the reverse, or auto: every layer's width and rank "
+                       "chosen from data to meet --target-macs (default: auto when --target-macs is given "
+                       "without -r/--ratio/-cpr, else decompose-prune)")
     group.add_argument("--baseline-epochs", dest="baseline_epochs", type=int, default=None,
                        help="train the baseline for this many epochs (>= 1; default 1) when no --ckpt is given")
     group.add_argument("--decompose-epochs", dest="decompose_epochs", type=int, default=1,
                        help="fine-tuning epochs after decomposition (default 1; 0 skips)")
     group.add_argument("--prune-epochs", dest="prune_epochs", type=int, default=1,
-                       help="fine-tuning epochs after pruning (default 1; 0 skips)")
+                       help="fine-tuning epochs after pruning, or after auto compression (default 1; 0 skips)")
     group.add_argument("--lr", type=float, default=0.1, help="peak learning rate of the baseline training (default 0.1)")
     group.add_argument("--finetune-lr", dest="finetune_lr", type=float, default=0.01,
                        help="peak learning rate of the fine-tuning stages (default 0.01)")

@@ -1,10 +1,12 @@
 """``norton demo``: the whole NORTON path on a built-in default, in minutes on a laptop CPU.
 
 Trains a CIFAR-style ResNet-20 on Fashion-MNIST (Debian's ``dataset-fashion-mnist``
-files, padded to 32x32 RGB), decomposes it at rank 3, fine-tunes, prunes it
-to a third of the baseline's MACs with the paper's ``pabs`` criterion,
-fine-tunes again, and prints the before/after table. Without Fashion-MNIST it
-says so and uses the built-in synthetic dataset instead.
+files, padded to 32x32 RGB), compresses it to a third of the baseline's MACs with
+:func:`norton.auto_compress` (every layer's width and CP rank chosen from 512
+unlabeled training images, then recovered on them), fine-tunes, and prints the
+before/after table. ``-r 3`` takes NORTON's uniform path instead (decompose at
+rank 3, fine-tune, prune with the paper's ``pabs``, fine-tune). Without
+Fashion-MNIST it says so and uses the built-in synthetic dataset instead.
 """
 from __future__ import annotations
 
@@ -22,22 +24,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "demo",
         help="train, compress and report on Fashion-MNIST with built-in defaults",
         description="The main job on a built-in default: a ResNet-20 on Fashion-MNIST, trained briefly, "
-        "compressed with NORTON to about a third of its MACs, fine-tuned, and compared before/after "
+        "compressed to about a third of its MACs (auto_compress, or NORTON's path with -r), fine-tuned, and compared before/after "
         "(top-1, MACs, params, CPU latency). Every default can be changed.",
     )
     parser.add_argument("--arch", default="resnet_20", help="zoo model (default resnet_20)")
-    parser.add_argument("-r", "--rank", type=int, default=3, help="CP rank (default 3)")
+    parser.add_argument("-r", "--rank", type=int, default=0,
+                        help="CP rank of NORTON's uniform path (default 0: auto_compress chooses every layer's rank)")
     parser.add_argument("--target-macs", "--target_macs", dest="target_macs", type=float, default=0.33,
                         help="fraction of the original model's MACs to keep (default 0.33)")
-    parser.add_argument("--criterion", default="pabs", help=CRITERIA_HELP)
+    parser.add_argument("--criterion", default=None, help=CRITERIA_HELP)
     add_round_to_option(parser)
     parser.add_argument("--limit", type=int, default=20000,
                         help="training images used (default 20000 of 58000); the 10000 test images are all used")
     parser.add_argument("--val_size", "--val-size", dest="val_size", type=int, default=2000,
                         help="training images held out for model selection (default 2000)")
     parser.add_argument("--baseline-epochs", dest="baseline_epochs", type=int, default=3, help="default 3")
-    parser.add_argument("--decompose-epochs", dest="decompose_epochs", type=int, default=1, help="default 1")
-    parser.add_argument("--prune-epochs", dest="prune_epochs", type=int, default=2, help="default 2")
+    parser.add_argument("--decompose-epochs", dest="decompose_epochs", type=int, default=1, help="default 1 (NORTON's path only)")
+    parser.add_argument("--prune-epochs", dest="prune_epochs", type=int, default=2,
+                        help="fine-tuning epochs after pruning or auto compression (default 2)")
     parser.add_argument("--batch_size", "--batch-size", dest="batch_size", type=int, default=64, help="default 64")
     parser.add_argument("--data_dir", "--data-dir", dest="data_dir", default=None,
                         help="Fashion-MNIST folder (default: Debian's /usr/share/datasets/fashion-mnist)")
