@@ -104,6 +104,18 @@ def test_a_budget_alone_runs_auto_compress_in_one_fine_tuned_stage(tiny_loaders,
     torch.testing.assert_close(loaded(x), result.model.eval()(x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["tucker2", "cp-layer", "svd"])
+def test_other_decompositions_run_through_the_pipeline(tiny_loaders, method):
+    result = compress(
+        create_model("resnet_20"), tiny_loaders, input_size=(3, 32, 32), rank="macs:0.5", decompose_method=method,
+        decompose_finetune=NO_EPOCHS, device="cpu", progress=False, log=lambda m: None,
+    )
+    baseline, decomposed = result.stages
+    assert decomposed["macs"] < 0.75 * baseline["macs"]
+    (record,) = result.model.norton_plan
+    assert record["op"] == "decompose" and record["method"] == method
+
+
 def test_the_order_and_criterion_follow_what_is_given():
     from norton.compress_arguments import resolve_criterion, resolve_order
 

@@ -85,6 +85,7 @@ def compress(
     criterion: str | None = None,
     round_to: int | None = None,
     order: str | None = None,
+    decompose_method: str = "cp-filter",
     decompose_finetune: FineTune | None = None,
     prune_finetune: FineTune | None = None,
     output_dir: str | Path | None = None,
@@ -101,10 +102,13 @@ def compress(
         loaders: train/val/test loaders; the best fine-tuning epoch is chosen on
             ``val``, the reported accuracies are on ``test``.
         input_size: ``(C, H, W)`` of one image, for MACs and tracing.
-        rank: CP rank (or rule, see :func:`norton.decomposition.decompose.decompose`); ``None`` skips decomposition.
+        rank: the decomposition's rank (an int, a Tucker-2 pair, a spec such as ``"vbmf"``, a mapping or
+            a rule, see :func:`norton.decomposition.decompose.decompose`); ``None`` skips decomposition.
         compress_rate, ratio, target_macs: how much to prune (at most one; none skips
             pruning). ``target_macs`` is the fraction of the *original* model's MACs
             the final model keeps, whatever the order.
+        decompose_method: ``"cp-filter"`` (NORTON's CPDBlocks), ``"tucker2"``, ``"cp-layer"`` or ``"svd"``
+            (:mod:`norton.decomposition.methods`).
         criterion: pruning criterion name (``pabs``, ``csa``, ``vbd``, ``l1``, ``random``, ...);
             ``None``: ``l1`` for ``order="auto"``, the paper's ``pabs`` otherwise.
         round_to: make every pruned width a multiple of this (``ratio`` and ``target_macs``;
@@ -127,7 +131,7 @@ def compress(
     )
     shape = check_input_size(input_size)
     input_size = shape[1:] if len(shape) == 4 else shape  # one sample: (C, H, W)
-    check_rank_fits(model, rank)
+    check_rank_fits(model, rank, decompose_method)
     out = Path(output_dir) if output_dir is not None else None
     check_compress_output(out, resume=resume)
     device = resolve_device(device)
@@ -147,7 +151,7 @@ def compress(
 
     def decompose_step(m: nn.Module) -> nn.Module:
         assert rank is not None  # the step is only added with a rank
-        decompose(m, rank, example_inputs=example, seed=seed, progress=progress)
+        decompose(m, rank, method=decompose_method, example_inputs=example, seed=seed, progress=progress)
         return m
 
     def prune_step(m: nn.Module) -> nn.Module:
@@ -158,7 +162,7 @@ def compress(
             # MACs again: prune to target / (MACs after / before decomposing) to end at target.
             goal = target_macs
             if order == "prune-decompose" and rank is not None:
-                goal = target_macs / _decomposition_ratio(m, rank, input_size)
+                goal = target_macs / _decomposition_ratio(m, rank, input_size, decompose_method)
             original = original_complexity(m, input_size).macs
             current = count_complexity(m, input_size).macs
             if goal >= 1 or current <= goal * original:
@@ -199,15 +203,16 @@ def compress(
     return CompressionResult(model=model, stages=stages, channels=channels)
 
 
-def check_rank_fits(model: nn.Module, rank: RankSpec | None) -> None:
-    """An int ``rank`` suits every convolution :func:`decompose` would replace (before any work)."""
+def check_rank_fits(model: nn.Module, rank: RankSpec | None, method: str = "cp-filter") -> None:
+    """An int ``rank`` suits every layer :func:`decompose` would replace with ``method`` (before any work)."""
+    from norton.decomposition.methods import get_method
+
+    decomposition = get_method(method)  # UserError naming the known methods
     if isinstance(rank, bool) or not isinstance(rank, int):
-        return  # None, or a mapping or rule: decompose() checks each layer's rank before its CP-ALS
-    for name, conv in eligible_convs(model).items():
-        if not isinstance(conv, nn.Conv2d):
-            continue  # cp-filter, the pipeline's method, only takes convolutions
-        check_rank(rank, f"rank for layer {name!r}", in_channels=conv.in_channels,
-                   kernel_size=(int(conv.kernel_size[0]), int(conv.kernel_size[1])))
+        return  # None, a pair, a spec, a mapping or a rule: decompose() checks each layer before any work
+    check_rank(rank)
+    for name, layer in eligible_convs(model, method=method).items():
+        decomposition.check_rank(rank, layer, f"rank for layer {name!r}")
 
 
 def _run_stage(
@@ -278,12 +283,13 @@ def _prune(model: nn.Module, example: torch.Tensor, **kwargs: Any) -> nn.Module:
     return prune(model, example, **kwargs)
 
 
-def _decomposition_ratio(model: nn.Module, rank: RankSpec, input_size: Sequence[int]) -> float:
+def _decomposition_ratio(model: nn.Module, rank: RankSpec, input_size: Sequence[int], method: str) -> float:
     """MACs after / before decomposing ``model`` at ``rank``, from structure alone (no ALS)."""
     if not isinstance(rank, int):
         return 1.0  # rules pick ranks from the weights: no estimate before pruning
     probe = copy.deepcopy(model)
-    replay_decompose(probe, {"op": "decompose", "ranks": {name: rank for name in eligible_convs(probe)}})
+    ranks = {name: rank for name in eligible_convs(probe, method=method)}
+    replay_decompose(probe, {"op": "decompose", "method": method, "ranks": ranks})
     return count_complexity(probe, tuple(input_size)).macs / count_complexity(model, tuple(input_size)).macs
 
 

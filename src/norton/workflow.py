@@ -87,13 +87,14 @@ def run_compression(
     splits: DataSplits | None = None,
     batch_size: int = 128,
     workers: int = 2,
-    rank: int | None = None,
+    rank: int | tuple[int, int] | str | None = None,
     compress_rate: str | Sequence[float] | None = None,
     ratio: float | Mapping[str, float] | None = None,
     target_macs: float | None = None,
     criterion: str | None = None,
     round_to: int | None = None,
     order: str | None = None,
+    decompose_method: str = "cp-filter",
     baseline_epochs: int | None = None,
     baseline_lr: float = 0.1,
     decompose_finetune: FineTune | None = None,
@@ -118,7 +119,7 @@ def run_compression(
             this keeps the validation and test splits whole, so accuracies stay comparable).
         splits: ready-made data instead (``dataset`` ... ``train_limit`` are then unused).
         batch_size, workers: of the data loaders.
-        rank, compress_rate, ratio, target_macs, criterion, round_to, order,
+        rank, compress_rate, ratio, target_macs, criterion, round_to, order, decompose_method,
         decompose_finetune, prune_finetune: as in :func:`norton.pipeline.compress`
             (``target_macs`` is a fraction of the original model's MACs; a ``FineTune(distill=True)``
             stage distils from the model read from ``model_file``, or the baseline trained here).
@@ -205,7 +206,8 @@ def run_compression(
     # ------------------------------------------------ compress, time, save, report
     result = compress(
         model, loaders, input_size=splits.input_size, rank=rank, criterion=criterion, round_to=round_to,
-        order=order, decompose_finetune=decompose_finetune, prune_finetune=prune_finetune, output_dir=output,
+        order=order, decompose_method=decompose_method, decompose_finetune=decompose_finetune,
+        prune_finetune=prune_finetune, output_dir=output,
         resume=resume, device=device, seed=seed, progress=progress, log=say, **amounts,
     )
     if measure_latency:
@@ -217,6 +219,7 @@ def run_compression(
     summary: dict[str, Any] = {
         "command": title, "arch": name, "dataset": splits.name, "rank": rank, "compress_rate": compress_rate,
         "ratio": ratio, "target_macs": target_macs, "criterion": criterion, "round_to": round_to, "order": order,
+        "decompose_method": decompose_method,
         "decompose_finetune": asdict(decompose_finetune or FineTune()),
         "prune_finetune": asdict(prune_finetune or FineTune()),
         "output": str(output), "model": str(final_path), "seconds": time.perf_counter() - started,
