@@ -17,12 +17,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     options.add_ckpt_option(parser, required=True, help="a norton model file or training checkpoint")
     parser.add_argument("--input-size", "--input_size", dest="input_size", type=int, default=None,
                         help="image side for MACs (default: the architecture's or the dataset's)")
+    parser.add_argument("--layers", action="store_true",
+                        help="also print every layer: dense or decomposed (method, rank) and its width")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    info = describe(args.ckpt, input_size=args.input_size)
+    info = describe(args.ckpt, input_size=args.input_size, layers=args.layers)
     if args.json:
         options.print_json(info)
         return 0
@@ -37,10 +39,15 @@ def run(args: argparse.Namespace) -> int:
     print(f"params:        {info['params']:,}")
     for key, value in info["metadata"].items():
         print(f"{key + ':':<14} {value}")
+    if args.layers:
+        from norton.layers import LayerSummary, format_layer_table
+
+        print()
+        print(format_layer_table([LayerSummary(**row) for row in info["layers"]]))
     return 0
 
 
-def describe(path: str, *, input_size: int | None = None) -> dict[str, Any]:
+def describe(path: str, *, input_size: int | None = None, layers: bool = False) -> dict[str, Any]:
     """Plain-data description of a model file, as ``norton info --json`` prints it."""
     from norton.limits import check_image_side
 
@@ -57,7 +64,13 @@ def describe(path: str, *, input_size: int | None = None) -> dict[str, Any]:
     complexity = count_complexity(model, (channels, side, side))
     metadata = {k: v for k, v in loaded.trained_with.items() if _is_small(v)}
     metadata.update({k: v for k, v in loaded.details.items() if _is_small(v)})
+    extra: dict[str, Any] = {}
+    if layers:
+        from norton.layers import layer_summaries
+
+        extra["layers"] = [row.as_dict() for row in layer_summaries(model)]
     return {
+        **extra,
         "file": str(path), "kind": loaded.kind, "architecture": architecture,
         "plan": describe_plan(plan_of(model)),
         "input_size": [channels, side, side], "macs": int(complexity.macs), "params": int(complexity.params),
