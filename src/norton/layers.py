@@ -43,8 +43,8 @@ class LayerSummary:
 def _widths(module: nn.Module) -> tuple[int, int] | None:
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
-    channels = getattr(module, "in_channels", None), getattr(module, "out_channels", None)
-    return (int(channels[0]), int(channels[1])) if None not in channels else None
+    inputs, outputs = getattr(module, "in_channels", None), getattr(module, "out_channels", None)
+    return (int(inputs), int(outputs)) if inputs is not None and outputs is not None else None
 
 
 def layer_summaries(model: nn.Module) -> list[LayerSummary]:
