@@ -271,3 +271,28 @@ def test_refused_compression_commands_do_not_import_torch(tmp_path, argv):
     code = (f"import sys; from norton.cli.main import main; code = main({argv!r}); "
             "sys.exit(10 + code if 'torch' in sys.modules else code)")
     assert subprocess.run([sys.executable, "-c", code], cwd=tmp_path).returncode == 2
+
+
+@pytest.mark.parametrize("command", ["prune", "decompose", "demo"])
+def test_distillation_options_reach_every_fine_tuning_command(command, monkeypatch, tmp_path):
+    import norton.cli.decompose
+    import norton.cli.demo
+    import norton.cli.prune
+
+    seen = {}
+
+    def fake_run_compression(**kwargs):
+        seen.update(kwargs)
+        raise SystemExit(0)
+
+    for module in (norton.cli.prune, norton.cli.decompose, norton.cli.demo):
+        monkeypatch.setattr(module, "run_compression", fake_run_compression)
+    argv = {
+        "prune": ["prune", "--ckpt", "m.pt", "--ratio", "0.5"],
+        "decompose": ["decompose", "--ckpt", "m.pt", "-r", "2"],
+        "demo": ["demo", "--output", str(tmp_path / "d")],
+    }[command]
+    with pytest.raises(SystemExit):
+        main([*argv, "--distill", "--distill-temperature", "3"])
+    recipes = [value for key, value in seen.items() if key.endswith("_finetune") and value is not None]
+    assert recipes and all(r.distill and r.distill_temperature == 3 for r in recipes)

@@ -164,6 +164,11 @@ def rank_option(value: int) -> int | None:
     return value or None
 
 
+def finetune_distillation(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``FineTune`` fields of ``--distill`` (the uncompressed model teaches), checked."""
+    return {"distill": args.distill, **distillation_options(args, switch="--distill", on=args.distill)}
+
+
 def distillation_options(args: argparse.Namespace, *, switch: str, on: bool) -> dict[str, float]:
     """``{"distill_alpha", "distill_temperature"}`` from the options (defaults filled in), checked;
     a value given without ``switch`` (``--distill`` or ``--teacher``, ``on`` when given) is refused."""

@@ -82,8 +82,7 @@ def add_round_to_option(parser: argparse.ArgumentParser | argparse._ArgumentGrou
 def run(args: argparse.Namespace) -> int:
     if args.arch is None and args.ckpt is None:
         raise UserError("give --ckpt (a trained baseline) or --arch (trained here for --baseline-epochs)")
-    distill: dict[str, Any] = options.distillation_options(args, switch="--distill", on=args.distill)
-    distill["distill"] = args.distill
+    distill = options.finetune_distillation(args)
     summary = run_compression(
         model_file=args.ckpt, arch=args.arch, dataset=args.dataset, data_dir=args.data_dir, limit=args.limit,
         val_size=args.val_size, download=args.download, batch_size=args.batch_size, workers=args.workers,

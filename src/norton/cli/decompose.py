@@ -25,6 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     options.add_decomposition_options(parser)
     parser.add_argument("--epochs", type=int, default=1, help="fine-tuning epochs (default 1; 0 skips)")
     parser.add_argument("--lr", dest="finetune_lr", type=float, default=0.01, help="peak fine-tuning learning rate")
+    options.add_distillation_options(parser, teacher_file=False)
     options.add_data_options(parser, batch_size=128)
     options.add_run_options(parser)
     parser.add_argument("--resume", action="store_true", help="continue a killed run in --output")
@@ -34,12 +35,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     options.check_rank_spec_option(args.rank)
+    distill = options.finetune_distillation(args)
     # cp-filter runs exactly as before; another method is handed to the library by name
     method = {} if args.method == "cp-filter" else {"decompose_method": args.method}
     summary = run_compression(
         model_file=args.ckpt, dataset=args.dataset, data_dir=args.data_dir, limit=args.limit,
         val_size=args.val_size, download=args.download, batch_size=args.batch_size, workers=args.workers,
-        rank=args.rank, decompose_finetune=FineTune(epochs=args.epochs, lr=args.finetune_lr),
+        rank=args.rank, decompose_finetune=FineTune(epochs=args.epochs, lr=args.finetune_lr, **distill),
         output_dir=args.output or default_output(None, args.ckpt), resume=args.resume, device=args.device,
         seed=args.seed, progress=args.progress, title="norton decompose", log=None if args.json else say, **method,
     )

@@ -45,6 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch_size", "--batch-size", dest="batch_size", type=int, default=64, help="default 64")
     parser.add_argument("--data_dir", "--data-dir", dest="data_dir", default=None,
                         help="Fashion-MNIST folder (default: Debian's /usr/share/datasets/fashion-mnist)")
+    options.add_distillation_options(parser, teacher_file=False)
     parser.add_argument("--output", "-o", default="runs/demo", help="report folder (default runs/demo)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
     parser.add_argument("--seed", type=int, default=0)
@@ -57,6 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from norton.training.readers import find_fashion_mnist
 
+    distill = options.finetune_distillation(args)
     # An explicit --data_dir is used or refused (naming the missing file); only without one
     # may the demo fall back to its built-in data.
     if args.data_dir is not None or find_fashion_mnist(None) is not None:
@@ -69,8 +71,8 @@ def run(args: argparse.Namespace) -> int:
         dataset=dataset, data_dir=args.data_dir, val_size=args.val_size, train_limit=args.limit, arch=args.arch,
         batch_size=args.batch_size, workers=2, rank=options.rank_option(args.rank), target_macs=args.target_macs,
         criterion=args.criterion, round_to=args.round_to, baseline_epochs=args.baseline_epochs, baseline_lr=0.1,
-        decompose_finetune=FineTune(epochs=args.decompose_epochs, lr=0.01),
-        prune_finetune=FineTune(epochs=args.prune_epochs, lr=0.01),
+        decompose_finetune=FineTune(epochs=args.decompose_epochs, lr=0.01, **distill),
+        prune_finetune=FineTune(epochs=args.prune_epochs, lr=0.01, **distill),
         output_dir=args.output, resume=args.resume, device=args.device, seed=args.seed, progress=args.progress,
         title="norton demo", log=None if args.json else say,
     )

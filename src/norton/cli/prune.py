@@ -32,6 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_round_to_option(parser)
     parser.add_argument("--epochs", type=int, default=1, help="fine-tuning epochs (default 1; 0 skips)")
     parser.add_argument("--lr", dest="finetune_lr", type=float, default=0.01, help="peak fine-tuning learning rate")
+    options.add_distillation_options(parser, teacher_file=False)
     options.add_data_options(parser, batch_size=128)
     options.add_run_options(parser)
     parser.add_argument("--resume", action="store_true", help="continue a killed run in --output")
@@ -40,12 +41,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    distill = options.finetune_distillation(args)
     summary = run_compression(
         model_file=args.ckpt, dataset=args.dataset, data_dir=args.data_dir, limit=args.limit,
         val_size=args.val_size, download=args.download, batch_size=args.batch_size, workers=args.workers,
         compress_rate=args.compress_rate, ratio=args.ratio, target_macs=args.target_macs,
         criterion=args.criterion, round_to=args.round_to,
-        prune_finetune=FineTune(epochs=args.epochs, lr=args.finetune_lr),
+        prune_finetune=FineTune(epochs=args.epochs, lr=args.finetune_lr, **distill),
         output_dir=args.output or default_output(None, args.ckpt), resume=args.resume, device=args.device,
         seed=args.seed, progress=args.progress, title="norton prune", log=None if args.json else say,
     )
