@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import norton
+from norton import recovery
 from norton.decomposition.cpd_block import CPDBlock
 from norton.errors import UserError
 from norton.layer_fit import Stats, cp_factor_system, dense_system, residual, ridge_solve
@@ -239,3 +241,122 @@ def test_recover_refits_consumers_and_blocks_in_one_pass_then_batchnorm():
     assert all(e["after"] < e["before"] for e in report["layers"].values())
     errors = held_out_errors(original, compressed, ["9"])
     assert errors["logits"] < held_out_errors(original, untouched, ["9"])["logits"]
+
+
+# ----------------------------------------------------------------- one pass == per-layer reference
+def reference_refit(
+    original: nn.Module, compressed: nn.Module, inputs: list[Tensor], names: list[str], samples: int = 8192,
+) -> dict[str, float]:
+    """The refit done the slow, obvious way: per layer, full forwards of every batch, patches by ``F.unfold``.
+
+    Same sampling rule as norton.recovery (seeded draws in the order the original's forward
+    reaches the layers, ``ceil(samples / images)`` positions per image) and the same solver.
+    """
+    from norton.recovery import _solve_layer
+
+    per_image = math.ceil(samples / sum(x.shape[0] for x in inputs))
+    generator = torch.Generator().manual_seed(0)
+    positions: dict[str, list[Tensor]] = {n: [] for n in names}
+    wanted: dict[str, list[Tensor]] = {n: [] for n in names}
+    order: list[str] = []
+
+    def take(t: Tensor, p: Tensor) -> Tensor:  # t (B, L, D), p (B, P) -> (B * P, D)
+        return t[torch.arange(t.shape[0]).unsqueeze(1), p].reshape(-1, t.shape[-1])
+
+    def record(name: str):
+        def hook(module, args, y):
+            if name not in order:
+                order.append(name)
+            seq = y.flatten(2).transpose(1, 2) if y.ndim == 4 else y.unsqueeze(1)  # (B, L, N)
+            p = torch.rand(seq.shape[0], seq.shape[1], generator=generator).argsort(1)[:, : min(per_image, seq.shape[1])]
+            positions[name].append(p)
+            wanted[name].append(take(seq, p))
+        return hook
+
+    old, new = dict(original.named_modules()), dict(compressed.named_modules())
+    handles = [old[n].register_forward_hook(record(n)) for n in names]
+    with torch.no_grad():
+        for x in inputs:
+            original.eval()(x)
+    for handle in handles:
+        handle.remove()
+    removed: dict[str, list[int]] = {}
+    for record_ in getattr(compressed, "norton_plan", [])[len(getattr(original, "norton_plan", [])):]:
+        removed.update(record_.get("removed", {}))
+    errors = {}
+    captured: list[Tensor] = []
+    for name in order:
+        layer = new[name]
+        handle = layer.register_forward_hook(lambda m, args, y: captured.append(args[0]))
+        stats = None
+        with torch.no_grad():
+            for x, p, y in zip(inputs, positions[name], wanted[name], strict=True):
+                captured.clear()
+                compressed.eval()(x)
+                if isinstance(layer, nn.Linear):
+                    patches = captured[0].unsqueeze(1)  # (B, 1, in)
+                else:
+                    patches = F.unfold(captured[0], layer.kernel_size, dilation=layer.dilation, padding=layer.padding,
+                                       stride=layer.stride).transpose(1, 2)  # (B, L, C k_h k_w)
+                features = take(patches, p)
+                if stats is None:
+                    stats = Stats.zeros(features.shape[1], y.shape[1], device=torch.device("cpu"), dtype=torch.float64)
+                stats.add(features, y)
+        handle.remove()
+        if name in removed:
+            keep = torch.ones(stats.cross.shape[0], dtype=torch.bool)
+            keep[removed[name]] = False
+            stats = stats.outputs(keep.nonzero().squeeze(1))
+        errors[name] = _solve_layer(layer, stats, 1e-4, 1)[1]
+    return errors
+
+
+def assert_same_refit(ours: nn.Module, theirs: nn.Module, errors: dict[str, float], expected: dict[str, float]) -> None:
+    assert list(errors) == list(expected)
+    for name in errors:
+        assert errors[name] == pytest.approx(expected[name], rel=1e-4, abs=1e-6), name
+    theirs_state = theirs.state_dict()
+    for key, value in ours.state_dict().items():
+        torch.testing.assert_close(value, theirs_state[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+@pytest.mark.parametrize("kind", ["conv", "cpd", "resnet"])
+def test_one_pass_refit_matches_a_per_layer_reference(kind):
+    if kind == "resnet":
+        torch.manual_seed(0)
+        original = recalibrate_batchnorm(norton.create_model("resnet_20"), calibration(2)).eval()
+    else:
+        original = tiny_net(decomposed=kind == "cpd")
+    pruned = norton.prune(copy.deepcopy(original), EXAMPLE, ratio=0.5)
+    ours, theirs = copy.deepcopy(pruned), copy.deepcopy(pruned)
+    errors = refit_pruned_consumers(original, ours, calibration(), samples=2048)
+    expected = reference_refit(original, theirs, calibration(), list(errors), samples=2048)
+    assert len(errors) >= (19 if kind == "resnet" else 3)
+    assert_same_refit(ours, theirs, errors, expected)
+
+
+def test_cp_refit_and_the_per_layer_fallback_give_the_one_pass_result(monkeypatch):
+    original = tiny_net()
+    compressed = norton.prune(copy.deepcopy(original), EXAMPLE, ratio=0.5)
+    compressed[6] = CPDBlock.from_conv(compressed[6], rank=2, seed=0)
+    ours, theirs, fallback = copy.deepcopy(compressed), copy.deepcopy(compressed), copy.deepcopy(compressed)
+    report = recover(original, ours, calibration(), batchnorm=False)
+    errors = {name: e["after"] for name, e in report["layers"].items()}
+    assert_same_refit(ours, theirs, errors, reference_refit(original, theirs, calibration(), list(errors)))
+    monkeypatch.setattr(recovery, "_ONE_PASS_BYTES", 0)  # activations "too big": one partial forward per layer
+    report = recover(original, fallback, calibration(), batchnorm=False)
+    assert_same_refit(ours, fallback, errors, {name: e["after"] for name, e in report["layers"].items()})
+
+
+def test_eigh_runs_single_threaded_and_the_thread_count_is_restored():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        g = torch.Generator().manual_seed(0)
+        x, y = torch.randn(64, 5, dtype=torch.float64, generator=g), torch.randn(64, 3, dtype=torch.float64, generator=g)
+        stats = Stats.zeros(5, 3, device=torch.device("cpu"), dtype=torch.float64)
+        stats.add(x, y)
+        ridge_solve(*dense_system(stats), stats, torch.zeros(3, 5, dtype=torch.float64), None, 1e-4)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)

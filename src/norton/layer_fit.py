@@ -19,6 +19,8 @@ the residual never grows (``w_0`` is feasible).
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -115,6 +117,24 @@ def cp_factor_system(
 
 
 # --------------------------------------------------------------------------- solving
+@contextmanager
+def _one_thread(device: torch.device) -> Iterator[None]:
+    """One intra-op thread inside the block (CPU only): for LAPACK's eigensolver on small matrices.
+
+    MKL's ``syevd`` on a few hundred unknowns is dominated by thread barriers: with 2 threads
+    on 2 busy cores, a 289 x 289 ``eigh`` took 2-5 s instead of 13 ms single-threaded.
+    """
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _augmented(gram: Tensor, lin: Tensor, rhs: Tensor, stats: Stats, bias: bool) -> tuple[Tensor, Tensor]:
     """``(A (B, D', D'), b (N, D'))`` of the normal equations, with a bias unknown last when ``bias``."""
     if not bias:
@@ -157,7 +177,8 @@ def ridge_solve(
     powers = torch.arange(7 if select else 1, dtype=a.dtype, device=a.device)
     grid = ridge * scale[:, None] * 10.0**powers  # (B, G)
     # Solve for the change v = w - w_0: (A + lam I) v = b - A w_0, in A's eigenbasis for every lam at once.
-    evals, vecs = torch.linalg.eigh(a)  # (B, D'), (B, D', D')
+    with _one_thread(a.device):
+        evals, vecs = torch.linalg.eigh(a)  # (B, D'), (B, D', D')
     evals = evals.clamp_min(0)
     pull = b - (w0 @ a[0] if shared else (a @ w0.unsqueeze(-1)).squeeze(-1))  # (N, D')
     coords = pull @ vecs[0] if shared else torch.einsum("nd,nde->ne", pull, vecs)  # (N, D')

@@ -15,16 +15,20 @@ much of what they lose, with no training:
 * :func:`recalibrate_batchnorm`: every BatchNorm's running statistics re-estimated.
 * :func:`recover`: all three, in that order; returns a small report.
 
-How the refit runs (one layer at a time, in the order the forward reaches them, so a
-layer sees the refitted outputs of the layers before it): one forward of the original
-model records each target layer's outputs at sampled positions; then, per layer, the
-compressed model runs up to that layer only (the forward stops there), its input patches
-at the same positions are gathered and the least-squares statistics accumulated
-(:mod:`norton.layer_fit`); the solve changes the layer's weights in place. Memory is
-bounded by sampling ``ceil(samples / images)`` output positions per image (all of them
-when fewer), uniformly without replacement, so each layer sees about ``samples`` rows.
-Cost: one forward of the original model, and per refitted layer a partial forward of
-the compressed one. Only weights change, never the structure, so plans replay unchanged.
+How the refit runs (in the order the forward reaches the layers, so a layer sees the
+refitted outputs of the layers before it): one forward of the original model records each
+target layer's outputs at sampled positions. Then one forward of the compressed model runs
+every calibration image as a single batch, with a pre-hook on each layer to refit: when
+the forward reaches it, its input (from the already refitted layers) is complete, so the
+hook gathers the input patches at the same positions, accumulates the least-squares
+statistics (:mod:`norton.layer_fit`) and solves, changing the weights in place before the
+layer runs. When the activations of all images at once would not fit (``_LIVE`` copies of
+the largest layer output over ``_ONE_PASS_BYTES``, or half the free GPU memory), it falls
+back to batch-by-batch partial forwards, one per layer, stopped at that layer: the same
+statistics, ``layers / 2`` times the forward cost. Memory is bounded by sampling
+``ceil(samples / images)`` output positions per image (all of them when fewer), uniformly
+without replacement, so each layer sees about ``samples`` rows. Only weights change, never
+the structure, so plans replay unchanged.
 """
 from __future__ import annotations
 
@@ -47,6 +51,11 @@ from norton.plan import plan_of
 __all__ = ["recalibrate_batchnorm", "recover", "refit_cp_blocks", "refit_pruned_consumers"]
 
 log = logging.getLogger(__name__)
+
+# The one-pass refit runs every calibration image at once when about this many activations
+# of the model's largest layer output fit in _ONE_PASS_BYTES (else one partial forward per layer).
+_LIVE = 8
+_ONE_PASS_BYTES = 2 << 30
 
 
 # --------------------------------------------------------------------- BatchNorm
@@ -319,6 +328,11 @@ def _input_rows(layer: nn.Module, x: Tensor, positions: Tensor, width: int) -> T
     return patches.permute(0, 1, 4, 2, 3).reshape(-1, x.shape[1] * kh * kw)  # (B * P, C k_h k_w)
 
 
+def _dtype(layer: nn.Module) -> torch.dtype:
+    """The statistics' dtype: float64, except on MPS (which has none)."""
+    return torch.float32 if next(layer.parameters()).device.type == "mps" else torch.float64
+
+
 class _Targets:
     """One layer's original outputs at sampled positions, batch by batch."""
 
@@ -331,13 +345,19 @@ class _Targets:
 
 def _targets(
     original: nn.Module, names: Sequence[str], inputs: Sequence[Tensor], samples: int, seed: int
-) -> tuple[dict[str, _Targets], list[str]]:
-    """One forward of ``original``: sampled outputs of each named layer, and the order the forward reaches them."""
+) -> tuple[dict[str, _Targets], list[str], int]:
+    """One forward of ``original``: sampled outputs of each named layer, the order the forward reaches them,
+    and the largest output of any leaf module, in bytes per image (to size the one-pass refit)."""
     per_image = math.ceil(samples / max(count_images(inputs), 1))
     generator = torch.Generator().manual_seed(seed)
     found = {name: _Targets() for name in names}
     order: list[str] = []
     shared: set[str] = set()  # run more than once per forward (shared weights): not refitted
+    largest = [0]
+
+    def measure(module: nn.Module, args: tuple, y: Any) -> None:
+        if isinstance(y, Tensor) and y.ndim:
+            largest[0] = max(largest[0], y[0].numel() * y.element_size())
 
     def hook(name: str) -> Any:
         def record(module: nn.Module, args: tuple, y: Tensor) -> None:
@@ -357,6 +377,7 @@ def _targets(
 
     modules = dict(original.named_modules())
     handles = [modules[name].register_forward_hook(hook(name)) for name in names]
+    handles += [m.register_forward_hook(measure) for m in modules.values() if next(m.children(), None) is None]
     try:
         with evaluating(original):
             for x in inputs:
@@ -371,14 +392,14 @@ def _targets(
     skipped = [name for name in names if name not in order]
     if skipped:
         log.warning("not refitted (not run, or run more than once per forward): %s", ", ".join(skipped))
-    return found, order
+    return found, order, largest[0]
 
 
 def _statistics(model: nn.Module, name: str, inputs: Sequence[Tensor], target: _Targets) -> Stats | None:
     """Least-squares statistics of layer ``name`` of ``model`` against ``target``, from partial forwards."""
     layer = model.get_submodule(name)
     weight = next(layer.parameters())
-    dtype = torch.float32 if weight.device.type == "mps" else torch.float64
+    dtype = _dtype(layer)
     stats: Stats | None = None
     captured: list[Tensor] = []
 
@@ -458,15 +479,74 @@ def _solve_cp(layer: CPDBlock, stats: Stats, ridge: float, rounds: int) -> tuple
     return before or 0.0, after
 
 
+def _fits_one_pass(inputs: Sequence[Tensor], largest: int) -> bool:
+    """Whether all calibration images can run as one batch: ``_LIVE`` activations of the largest size fit."""
+    need = _LIVE * largest * count_images(inputs)
+    budget = _ONE_PASS_BYTES
+    device = inputs[0].device
+    if device.type == "cuda":
+        budget = min(budget, torch.cuda.mem_get_info(device)[0] // 2)
+    return need <= budget
+
+
+def _refit_in_one_pass(
+    compressed: nn.Module, inputs: Sequence[Tensor], targets: Mapping[str, _Targets], order: Sequence[str],
+    kept: Mapping[str, Tensor | None], ridge: float, rounds: int,
+) -> dict[str, tuple[float, float]]:
+    """One forward of ``compressed`` on all images at once; each layer is refitted by a pre-hook.
+
+    When the forward reaches a layer, every image's input to it (computed by the layers
+    before it, already refitted) is there: the hook accumulates the statistics, solves and
+    changes the weights in place before the layer runs, so the layers after it see its
+    refitted output. Same statistics as one partial forward per layer, one forward in all.
+    """
+    modules = dict(compressed.named_modules())
+    errors: dict[str, tuple[float, float]] = {}
+
+    def hook(name: str) -> Any:
+        target = targets[name]
+        positions = torch.cat(target.positions)  # (images, P): batches in order, as the rows
+        rows = torch.cat(target.rows)  # (images * P, N)
+
+        def refit(layer: nn.Module, args: tuple) -> None:
+            if name in errors:  # run again in the same forward: already refitted
+                return
+            features = _input_rows(layer, args[0], positions, target.width)  # (images * P, D0)
+            stats = Stats.zeros(features.shape[1], rows.shape[1], device=features.device, dtype=_dtype(layer))
+            stats.add(features, rows)
+            errors[name] = _solve_layer(layer, stats.outputs(kept[name]), ridge, rounds)
+            log.info("refit %s: relative output error %.4f -> %.4f (%d rows)", name, *errors[name], stats.count)
+            target.rows.clear()  # free the layer's targets
+        return refit
+
+    handles = [modules[name].register_forward_pre_hook(hook(name)) for name in order]
+    try:
+        with evaluating(compressed):
+            compressed(torch.cat(list(inputs)))
+    finally:
+        for handle in handles:
+            handle.remove()
+    for name in order:
+        if name not in errors:
+            log.warning("not refitted: the compressed model's forward does not reach %s", name)
+    return {name: errors[name] for name in order if name in errors}
+
+
 def _refit(
     original: nn.Module, compressed: nn.Module, inputs: Sequence[Tensor], names: Sequence[str], ridge: float,
     samples: int, rounds: int, kept_outputs: Mapping[str, Sequence[int]] | None, seed: int,
 ) -> dict[str, tuple[float, float]]:
-    """Refit ``names`` of ``compressed`` one at a time in forward order; ``{name: (error before, after)}``."""
+    """Refit ``names`` of ``compressed`` in forward order; ``{name: (error before, after)}``.
+
+    All images in one forward of ``compressed`` when their activations fit
+    (:func:`_refit_in_one_pass`); otherwise batch by batch, one partial forward per layer.
+    """
     if not names:
         return {}
     kept = _kept(original, compressed, names, kept_outputs)  # before any forward: a bad mapping fails fast
-    targets, order = _targets(original, names, inputs, samples, seed)
+    targets, order, largest = _targets(original, names, inputs, samples, seed)
+    if _fits_one_pass(inputs, largest):
+        return _refit_in_one_pass(compressed, inputs, targets, order, kept, ridge, rounds)
     errors: dict[str, tuple[float, float]] = {}
     for name in order:
         stats = _statistics(compressed, name, inputs, targets[name])
