@@ -252,17 +252,23 @@ class CPDBlock(nn.Module):
 
     def to_conv(self) -> nn.Conv2d:
         """The equivalent dense ``nn.Conv2d`` (same outputs up to float rounding)."""
-        weight = self.dense_weight().detach()
-        conv = nn.Conv2d(
-            self.in_channels, self.out_channels, self.kernel_size, stride=self.stride, padding=self.padding,
-            dilation=self.dilation, bias=self.bias is not None, padding_mode=self.padding_mode,
-            device=weight.device, dtype=weight.dtype,
-        )
-        with torch.no_grad():
-            conv.weight.copy_(weight)
-            if self.bias is not None and conv.bias is not None:
-                conv.bias.copy_(self.bias)
-        return conv
+        return equivalent_conv(self)
+
+
+def equivalent_conv(block: Any) -> nn.Conv2d:
+    """The dense ``nn.Conv2d`` computing what a decomposed ``block`` computes: its ``dense_weight()``
+    with its geometry (``kernel_size``, ``stride``, ``padding``, ``dilation``, ``padding_mode``) and ``bias``."""
+    weight = block.dense_weight().detach()
+    conv = nn.Conv2d(
+        block.in_channels, block.out_channels, block.kernel_size, stride=block.stride, padding=block.padding,
+        dilation=block.dilation, bias=block.bias is not None, padding_mode=block.padding_mode,
+        device=weight.device, dtype=weight.dtype,
+    )
+    with torch.no_grad():
+        conv.weight.copy_(weight)
+        if block.bias is not None and conv.bias is not None:
+            conv.bias.copy_(block.bias)
+    return conv
 
 
 def check_decomposable(conv: nn.Module) -> None:

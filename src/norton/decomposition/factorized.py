@@ -22,11 +22,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from norton.complexity import conv2d_macs, conv_output_size
-from norton.decomposition.cpd_block import PaddingMode, conv_padding
+from norton.decomposition.cpd_block import PaddingMode, conv_padding, equivalent_conv
 
 
 class FactorizedConv(nn.Module):
@@ -84,17 +83,7 @@ class FactorizedConv(nn.Module):
 
     def to_conv(self) -> nn.Conv2d:
         """The equivalent dense ``nn.Conv2d`` (same outputs up to float rounding)."""
-        weight = self.dense_weight().detach()
-        conv = nn.Conv2d(
-            self.in_channels, self.out_channels, self.kernel_size, stride=self.stride, padding=self.padding,
-            dilation=self.dilation, bias=self.bias is not None, padding_mode=self.padding_mode,
-            device=weight.device, dtype=weight.dtype,
-        )
-        with torch.no_grad():
-            conv.weight.copy_(weight)
-            if self.bias is not None and conv.bias is not None:
-                conv.bias.copy_(self.bias)
-        return conv
+        return equivalent_conv(self)
 
     def extra_repr(self) -> str:
         return (

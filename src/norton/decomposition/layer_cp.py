@@ -25,7 +25,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from norton.errors import UserError
+from norton.decomposition.tucker2 import check_kernels
 from norton.limits import MAX_RANK, check_finite, check_int
 
 
@@ -212,16 +212,7 @@ def _to_tensor(factors: LayerCPFactors) -> Tensor:
 
 
 def _check(weight: object, rank: object, n_iter_max: object, tol: object) -> int:
-    if not isinstance(weight, Tensor):
-        raise UserError(f"weight must be a torch.Tensor (N, C, k_h, k_w), got {type(weight).__name__}")
-    if weight.dim() not in (4, 5):
-        raise UserError(
-            f"weight must be a conv kernel (N, C, k_h, k_w) or a batch (B, N, C, k_h, k_w); got shape {tuple(weight.shape)}"
-        )
-    if weight.numel() == 0 or weight.is_complex():
-        raise UserError(f"weight must be a non-empty real tensor, got {weight.dtype} of shape {tuple(weight.shape)}")
-    if weight.dtype.is_floating_point and not bool(torch.isfinite(weight).all()):
-        raise UserError("weight contains NaN or inf; fix the weights before decomposing them")
+    weight = check_kernels(weight)
     bound = min(layer_cp_max_rank(tuple(weight.shape)), MAX_RANK)
     checked = check_int(rank, "layer CP rank", minimum=1, maximum=bound)
     check_int(n_iter_max, "n_iter_max", minimum=1, maximum=100_000)

@@ -157,7 +157,8 @@ def _working_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
-def _check(weight: object, ranks: object, n_iter_max: object, tol: object) -> tuple[int, int]:
+def check_kernels(weight: object) -> Tensor:
+    """``weight`` is a finite real conv kernel ``(N, C, k_h, k_w)`` or a batch ``(B, N, C, k_h, k_w)``."""
     if not isinstance(weight, Tensor):
         raise UserError(f"weight must be a torch.Tensor (N, C, k_h, k_w), got {type(weight).__name__}")
     if weight.dim() not in (4, 5):
@@ -168,6 +169,11 @@ def _check(weight: object, ranks: object, n_iter_max: object, tol: object) -> tu
         raise UserError(f"weight must be a non-empty real tensor, got {weight.dtype} of shape {tuple(weight.shape)}")
     if weight.dtype.is_floating_point and not bool(torch.isfinite(weight).all()):
         raise UserError("weight contains NaN or inf; fix the weights before decomposing them")
+    return weight
+
+
+def _check(weight: object, ranks: object, n_iter_max: object, tol: object) -> tuple[int, int]:
+    weight = check_kernels(weight)
     if not isinstance(ranks, (tuple, list)) or len(ranks) != 2:
         raise UserError(f"Tucker-2 ranks must be a pair (in_rank, out_rank), got {ranks!r}")
     n, c = weight.shape[-4], weight.shape[-3]
