@@ -47,7 +47,7 @@ from norton.decomposition.decompose import eligible_convs
 from norton.decomposition.methods import METHODS, layer_macs
 from norton.errors import UserError
 from norton.example_inputs import module_input_shapes
-from norton.io import append_jsonl
+from norton.io import append_jsonl, atomic_write_text
 from norton.limits import check_epochs, check_int, check_target_macs
 from norton.serialization import load_model_file
 
@@ -57,6 +57,7 @@ TOLERANCE = 0.02  # a budget is met when |MACs / (budget * baseline MACs) - 1| <
 BATCH_SIZE = 128
 FINETUNE_RECIPE = {"lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4, "warmup_epochs": 0.0}
 Rank = int | tuple[int, int]
+MARKERS = ("<!-- bench_methods:begin -->", "<!-- bench_methods:end -->")
 
 
 # ------------------------------------------------------------------ the rank search (no decomposition run)
@@ -281,6 +282,16 @@ def render_table(records: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def write_between_markers(path: Path, body: str) -> None:
+    """Replace what lies between :data:`MARKERS` in ``path`` by ``body`` (the rest of the file is kept)."""
+    text = path.read_text()
+    if text.count(MARKERS[0]) != 1 or text.count(MARKERS[1]) != 1:
+        raise UserError(f"{path} needs exactly one {MARKERS[0]} line and one {MARKERS[1]} line around the table")
+    head, rest = text.split(MARKERS[0])
+    _, tail = rest.split(MARKERS[1])
+    atomic_write_text(f"{head}{MARKERS[0]}\n{body}\n{MARKERS[1]}{tail}", path)
+
+
 def environment_line(records: Iterable[Mapping[str, Any]]) -> str:
     envs = {(r["env"]["torch"], r["env"]["threads"], r["env"]["cpu"]) for r in records if "env" in r}
     return "; ".join(f"torch {t}, {n} thread(s), {cpu}" for t, n, cpu in sorted(envs))
@@ -329,6 +340,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", default="runs/methods/results.jsonl")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--report-only", action="store_true", help="only print the table of --out")
+    parser.add_argument("--docs", default=None,
+                        help=f"also write the table between the {MARKERS[0]} / {MARKERS[1]} lines of this file")
     args = parser.parse_args(argv)
     # Every mistake is refused here, before a model or an image is read.
     args.methods = parse_list(args.methods, str, "methods")
@@ -417,7 +430,15 @@ def main(argv: list[str] | None = None) -> int:
     if not records:
         print(f"no results in {out} yet")
         return 0
-    print(f"\n{render_table(records)}\n\n{environment_line(records)}")
+    table = f"{render_table(records)}\n\nMeasured on: {environment_line(records)}."
+    print(f"\n{table}")
+    if args.docs:
+        try:
+            write_between_markers(Path(args.docs), table)
+        except UserError as error:
+            print(f"bench_methods: error: {error}", file=sys.stderr)
+            return 2
+        print(f"wrote the table into {args.docs}")
     return 0
 
 

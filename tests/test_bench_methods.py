@@ -126,3 +126,14 @@ def test_bad_arguments_are_refused_before_anything_runs(tmp_path):
         bench.parse_args(["--variants", "prune", "--report-only"])
     with pytest.raises(UserError, match="make demo"):
         bench.parse_args(["--ckpt", str(tmp_path / "missing.pt")])
+
+
+def test_the_table_replaces_only_what_lies_between_the_markers(tmp_path):
+    doc = tmp_path / "doc.md"
+    doc.write_text(f"intro\n{bench.MARKERS[0]}\nold table\n{bench.MARKERS[1]}\noutro\n")
+    bench.write_between_markers(doc, "| new |")
+    assert doc.read_text() == f"intro\n{bench.MARKERS[0]}\n| new |\n{bench.MARKERS[1]}\noutro\n"
+    doc.write_text("no markers\n")
+    with pytest.raises(UserError, match="bench_methods:begin"):
+        bench.write_between_markers(doc, "| new |")
+    assert doc.read_text() == "no markers\n"
