@@ -39,6 +39,9 @@ def test_zoo_budgets_met_within_two_percent(name, side, target):
     compressed = auto_compress_quiet(model, x, target, _calibration((3, side, side)))
     original = count_complexity(model, example_inputs=x).macs
     assert count_complexity(compressed, example_inputs=x).macs == pytest.approx(target * original, rel=0.02)
+    report = compressed.norton_auto_report
+    assert report.macs_before == original  # predicted by the MAC model, not recounted
+    assert report.macs_after == count_complexity(compressed, example_inputs=x).macs
     assert _same(model, before)  # the input model is left as it was
     assert compressed(torch.randn(2, 3, side, side)).shape == (2, 10)
 

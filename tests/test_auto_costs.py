@@ -18,7 +18,7 @@ from norton.pruning.groups import traced
 def _choice_macs(model, x):
     work, _, groups = traced(model, x, (), False)
     widths = MacModel(work, x, groups)
-    leaves = list(MacModel._leaves(work, x))
+    leaves = widths.leaf_names
     convs = {n: c for n, c in eligible_convs(work).items() if n in leaves}
     shapes = module_input_shapes(work, convs, x, eval_mode=True)
     options = {

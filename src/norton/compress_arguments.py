@@ -26,7 +26,7 @@ from norton.limits import (
 from norton.training.recipes import DISTILL_ALPHA, DISTILL_TEMPERATURE, check_recipe
 
 ORDERS = ("decompose-prune", "prune-decompose", "auto")
-AUTO_CRITERION = "l1"  # auto_compress's default: the criterion its allocation was measured with
+AUTO_CRITERION = "l1"  # auto_compress's default criterion, and the compression runs' with order "auto"
 PAPER_CRITERION = "pabs"
 
 

@@ -32,8 +32,9 @@ from torch import Tensor, nn
 
 from norton.auto.allocation import Allocation, allocate
 from norton.auto.costs import ChoiceMacs, LayerOption, cp_filter_coefficients
-from norton.auto.sensitivity import Curve, Unit, consumer_layer, decompose_unit, prune_unit, sensitivity_curves
+from norton.auto.sensitivity import Curve, Unit, decompose_unit, prune_unit, sensitivity_curves
 from norton.complexity import count_complexity, original_complexity
+from norton.compress_arguments import AUTO_CRITERION
 from norton.errors import UserError
 from norton.example_inputs import ExampleInputs, model_device, module_input_shapes
 from norton.limits import check_int, check_target_macs
@@ -62,7 +63,7 @@ def auto_compress(
     *,
     target_macs: float,
     calibration: Iterable[Any],
-    criterion: str = "l1",
+    criterion: str = AUTO_CRITERION,
     ranks: Sequence[int] = RANKS,
     fractions: Sequence[float] = FRACTIONS,
     sensitivity_images: int = 128,
@@ -112,20 +113,20 @@ def auto_compress(
         device=model_device(model),
     )
 
-    allocation, work, plan = _plan(
+    allocation, plan = _plan(
         model, example_inputs, target, inputs, criterion=criterion, ranks=ranks, fractions=fractions,
         sensitivity_images=sensitivity_images, samples=samples, ignored_layers=ignored_layers, progress=progress,
     )
     result = _apply(model, example_inputs, plan, inputs[:_images(inputs, calibration_images)], criterion, recover)
     macs = count_complexity(result, example_inputs=example_inputs).macs
-    original = original_complexity(model, example_inputs=example_inputs).macs
+    original = plan.original_macs
     if abs(macs - target * original) > MACS_TOLERANCE * target * original:
         raise UserError(  # the MAC model is exact for conv + linear, so this is norton's fault
             f"auto_compress reached {macs / original:.1%} of the MACs instead of {target:.1%}; "
             "this is a bug in norton, please report it with the model"
         )
     result.norton_auto_report = AutoReport(  # type: ignore[assignment]
-        target_macs=target, macs_before=int(count_complexity(model, example_inputs=example_inputs).macs),
+        target_macs=target, macs_before=plan.macs_before,
         macs_after=int(macs), predicted_change=allocation.cost, widths=plan.widths, ranks=plan.ranks,
         recovery=plan.recovery,
     )
@@ -136,6 +137,8 @@ def auto_compress(
 class _Plan:
     widths: dict[str, tuple[int, int]]  # group's first layer -> (kept, channels), pruned groups only
     ranks: dict[str, int]
+    original_macs: int  # the original model's (before its first norton operation), which target_macs divides
+    macs_before: int  # the input model's
     recovery: dict[str, Any] = field(default_factory=dict)
 
 
@@ -153,14 +156,14 @@ def _plan(
     model: nn.Module, example_inputs: ExampleInputs, target: float, inputs: Sequence[Tensor], *,
     criterion: str, ranks: Sequence[int], fractions: Sequence[float], sensitivity_images: int, samples: int,
     ignored_layers: Iterable[str | nn.Module], progress: bool,
-) -> tuple[Allocation, nn.Module, _Plan]:
+) -> tuple[Allocation, _Plan]:
     from norton.decomposition.cp_als import cp_als_many
     from norton.decomposition.cp_tensor import cp_to_tensor
     from norton.decomposition.decompose import eligible_convs
     from norton.pruning.budget import MacModel
     from norton.pruning.criteria import get_criterion
     from norton.pruning.engine import _group_scores
-    from norton.pruning.groups import side_of, traced
+    from norton.pruning.groups import filter_layer, side_of, traced
     from norton.pruning.surgery import IN
 
     work, graph, groups = traced(model, example_inputs, ignored_layers, False)
@@ -168,7 +171,7 @@ def _plan(
     for parameter in work.parameters():
         parameter.requires_grad_(False)
     widths = MacModel(work, example_inputs, groups)
-    leaf_names = list(MacModel._leaves(work, example_inputs))
+    leaf_names = widths.leaf_names
     convs = {
         name: conv for name, conv in eligible_convs(work).items()
         if name in leaf_names and isinstance(conv, nn.Conv2d)
@@ -205,7 +208,7 @@ def _plan(
              torch.as_tensor(item.root_idxs, dtype=torch.long))
             for item in full
             if item.dep.target.module in names and side_of(graph, item.dep) == IN
-            and consumer_layer(item.dep.target.module)
+            and filter_layer(item.dep.target.module, prune_linear=True)
         ]
         units.append(prune_unit(group.layers[0], torch.argsort(scores, stable=True), consumers, fractions))
     # One batched CP-ALS per rank over every layer that offers it (cp_als_many shares the sweeps).
@@ -225,7 +228,9 @@ def _plan(
     decompose_curves = list(curves)
     allocation = allocate(macs, prune_curves, decompose_curves, goal, tolerance=MACS_TOLERANCE)
 
-    plan = _Plan(widths={}, ranks={})
+    unchanged = float(macs(torch.tensor([g.channels for g in groups])[None],
+                           torch.zeros(1, len(macs.layers), dtype=torch.long))[0])  # equals count_complexity(model)
+    plan = _Plan(widths={}, ranks={}, original_macs=int(original), macs_before=round(unchanged))
     for group, kept in zip(groups, allocation.keep.tolist(), strict=True):
         if kept < group.channels:
             plan.widths[group.layers[0]] = (int(kept), group.channels)
@@ -233,7 +238,7 @@ def _plan(
         option = options[name][index]
         if option.rank is not None:
             plan.ranks[name] = option.rank
-    return allocation, work, plan
+    return allocation, plan
 
 
 def _apply(
@@ -264,5 +269,5 @@ def _apply(
             errors = refit_cp_blocks(pruned, result, inputs)
             recalibrate_batchnorm(result, inputs)
             plan.recovery["refitted_blocks"] = len(errors)
-    result.eval() if not model.training else result.train()
+    result.train(model.training)
     return result

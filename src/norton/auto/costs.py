@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from norton.complexity import conv_output_size
+from norton.decomposition.cpd_block import conv_padding
 from norton.pruning.budget import MacModel
 
 Coefficients = tuple[float, float, float, float]  # (a, b, c, d) of a*out*in + b*out + c*in + d
@@ -42,18 +43,10 @@ def cp_filter_coefficients(conv: nn.Conv2d, input_hw: Sequence[int], rank: int) 
     ``k_h x 1`` and ``1 x k_w`` depthwise convs over ``R*N`` channels.
     """
     (kh, kw), (sh, sw) = conv.kernel_size, conv.stride
-    (ph, pw), (dh, dw) = _padding(conv), conv.dilation
+    (ph, pw), (dh, dw) = conv_padding(conv), conv.dilation
     h_in, w_in = int(input_hw[0]), int(input_hw[1])
     h_out, w_out = conv_output_size(h_in, kh, sh, ph, dh), conv_output_size(w_in, kw, sw, pw, dw)
     return (float(h_in * w_in * rank), float(rank * (h_out * w_in * kh + h_out * w_out * kw)), 0.0, 0.0)
-
-
-def _padding(conv: nn.Conv2d) -> tuple[int, int]:
-    if isinstance(conv.padding, str):  # "same" keeps the size, "valid" pads nothing
-        if conv.padding == "valid":
-            return (0, 0)
-        return tuple((d * (k - 1)) // 2 for k, d in zip(conv.kernel_size, conv.dilation, strict=True))  # type: ignore[return-value]
-    return (int(conv.padding[0]), int(conv.padding[1]))
 
 
 class ChoiceMacs:

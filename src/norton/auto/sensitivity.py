@@ -34,7 +34,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from norton.decomposition.cpd_block import CPDBlock
 from norton.example_inputs import first_tensor
 
 
@@ -56,13 +55,6 @@ class Capture:
     y: dict[nn.Module, Tensor]
     g: dict[nn.Module, Tensor]
     images: int
-
-
-def consumer_layer(module: nn.Module) -> bool:
-    """Layers that read a group's channels as input channels, each channel on its own."""
-    if isinstance(module, (CPDBlock, nn.Linear)):
-        return True
-    return isinstance(module, nn.Conv2d) and module.groups == 1
 
 
 def capture(model: nn.Module, batch: Tensor, modules: Sequence[nn.Module], *, samples: int,

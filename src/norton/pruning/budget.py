@@ -189,6 +189,7 @@ class MacModel:
     def __init__(self, work: nn.Module, example_inputs: ExampleInputs, groups: Sequence[Group]) -> None:
         modules = dict(work.named_modules())
         leaves = self._leaves(work, example_inputs)  # name -> (w, out, in_per_group)
+        self.leaf_names = list(leaves)  # (L,): the conv / linear leaves, in the order of every (..., L) tensor
         index = {name: i for i, name in enumerate(leaves)}
         self.weight = torch.tensor([v[0] for v in leaves.values()], dtype=torch.float64)  # (L,)
         self.out0 = torch.tensor([v[1] for v in leaves.values()], dtype=torch.float64)  # (L,)
