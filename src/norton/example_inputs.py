@@ -1,12 +1,14 @@
 """Example inputs: what a model is run on to trace, count or time it, in the forms torch users pass.
 
 An example input is a tensor, a tuple (or list) of positional tensors, or a dict of
-keyword tensors, as torch-pruning and ``torch.export`` accept. Pruning traces with it,
+keyword tensors, as torch-pruning and ``torch.export`` accept; a torchvision detector
+takes ONE positional list of images (``[image (3, H, W), ...]``). Pruning traces with it,
 :func:`norton.complexity.count_complexity` counts MACs on it, and the deploy stage times
 and checks models on it; the few ways of handling one live here once.
 """
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -18,8 +20,20 @@ from norton.errors import UserError
 ExampleInputs = Tensor | Sequence[Tensor] | Mapping[str, Tensor]
 
 
+def takes_image_list(model: nn.Module) -> bool:
+    """Whether ``model`` is a torchvision detector (``GeneralizedRCNN``), whose one argument is a list of images."""
+    # Only an imported torchvision detection module can have built one: nothing heavy is imported here.
+    module = sys.modules.get("torchvision.models.detection.generalized_rcnn")
+    return module is not None and isinstance(model, module.GeneralizedRCNN)
+
+
 def call_model(model: nn.Module, example_inputs: Any) -> Any:
-    """``model(x)``, ``model(*inputs)`` or ``model(**inputs)`` as the example's form says."""
+    """``model(x)``, ``model(*inputs)`` or ``model(**inputs)`` as the example's form says.
+
+    A detector's list of images is its one argument: ``model([image, ...])``.
+    """
+    if isinstance(example_inputs, list) and takes_image_list(model):
+        return model(example_inputs)
     if isinstance(example_inputs, Mapping):
         return model(**example_inputs)
     if isinstance(example_inputs, (tuple, list)):

@@ -100,6 +100,12 @@ def _check_architecture(architecture: Any) -> dict[str, Any]:
         plain = json.loads(json.dumps(plain, allow_nan=False))
     except (TypeError, ValueError) as error:
         raise UserError(f"architecture kwargs must be plain JSON data: {error}") from None
+    if plain["name"] in _detector_names():  # a detector's own arguments (norton.detection.models)
+        from norton.detection.models import check_detector_architecture
+
+        check_detector_architecture(plain["name"], plain["kwargs"])
+        check_architecture_kwargs({"num_classes": plain["kwargs"].get("num_classes")}, f"architecture {plain['name']!r}")
+        return plain
     unknown = sorted(set(plain["kwargs"]) - set(ARCHITECTURE_ARGUMENTS))
     if unknown:
         raise UserError(
@@ -108,6 +114,12 @@ def _check_architecture(architecture: Any) -> dict[str, Any]:
         )
     check_architecture_kwargs(plain["kwargs"], f"architecture {plain['name']!r}")
     return plain
+
+
+def _detector_names() -> tuple[str, ...]:
+    from norton.detection.models import detector_names
+
+    return detector_names()
 
 
 # ---------------------------------------------------------------------- save / load

@@ -17,7 +17,7 @@ from torch import nn
 from norton.compress_rate import parse_compress_rate
 from norton.errors import UserError
 from norton.limits import check_architecture_kwargs
-from norton.models import densenet, resnet_cifar, resnet_imagenet, vgg  # noqa: F401  (registers the builders)
+from norton.models import densenet, detectors, resnet_cifar, resnet_imagenet, vgg  # noqa: F401  (registers the builders)
 from norton.models._layers import CompressRate, check_positive, check_rank
 from norton.models._registry import ModelEntry, get_model_entry, list_models, register_model
 
@@ -33,6 +33,7 @@ def create_model(
     rank: int = 0,
     num_classes: int | None = None,
     in_channels: int = 3,
+    **options: Any,
 ) -> nn.Module:
     """Build the architecture ``name`` and record how it was built in ``model.norton_architecture``.
 
@@ -43,6 +44,8 @@ def create_model(
         rank: 0 for dense convs; ``R > 0`` makes the reference's decomposed convs rank-``R`` CPDBlocks.
         num_classes: size of the classifier; ``None`` is the model's default (10 or 1000).
         in_channels: input image channels.
+        options: a detector's options (``backbone=``, ``min_size=``, ...; see
+            :func:`norton.detection.models.create_detector`); other models take none.
 
     Raises:
         UserError: unknown name, or arguments the architecture cannot take.
@@ -52,10 +55,17 @@ def create_model(
     # Bounded before anything is built: a billion classes or a rank of ten million would not fit in memory.
     check_architecture_kwargs({"rank": rank, "num_classes": num_classes, "in_channels": in_channels}, name)
     if name.startswith(TORCHVISION_PREFIX):
+        if options:
+            raise UserError(f"{name} takes no option {next(iter(options))!r}")
         return _create_torchvision(
             name, compress_rate=compress_rate, rank=rank, num_classes=num_classes, in_channels=in_channels
         )
     entry = get_model_entry(name)
+    if entry.dataset == detectors.DETECTION_DATASET:  # a detector records its own architecture
+        return entry.builder(compress_rate=compress_rate, rank=rank, num_classes=num_classes,
+                             in_channels=in_channels, **options)
+    if options:
+        raise UserError(f"{name} takes no option {next(iter(options))!r}")
     kwargs: dict[str, Any] = {
         # Recorded as the full per-position list: plain JSON, independent of spec syntax.
         "compress_rate": None if compress_rate is None else parse_compress_rate(compress_rate),
