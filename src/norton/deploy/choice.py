@@ -6,13 +6,20 @@ it replaced. With ``measure=True`` every candidate form is timed (interleaved, m
 on a random input of the shape the layer sees in the example forward; identical layers
 on identical shapes are timed once. With ``measure=False`` a deterministic rule on
 :func:`norton.complexity.cpd_block_macs` decides (see :data:`DENSE_EFFICIENCY`).
+
+With ``compile=True`` each candidate is timed as ``torch.compile`` makes it run: a
+compiled form fuses its elementwise tail (rank sum, bias) into the convs around it,
+which changes the ranking. Compilation happens in the untimed warm-up; identical
+layers still compile and time once, so the cost is one compile per distinct
+(layer, shape, form).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -52,7 +59,7 @@ def block_signature(block: nn.Module) -> tuple:
 # ================================================================ inference
 def choose_forms(
     model: nn.Module, blocks: Sequence[str], inputs: tuple[Tensor, ...], forms: Sequence[str], fmt: str,
-    measure: bool, warmup: int, repeats: int,
+    measure: bool, warmup: int, repeats: int, *, compile: bool = False,
 ) -> dict[str, str]:
     """Put ``model`` in memory format ``fmt``, pick each named block's form and swap it in.
 
@@ -76,7 +83,7 @@ def choose_forms(
         key = (block_signature(block), tuple(shapes[name]))
         if key not in cache:
             cache[key] = (
-                fastest_form(block, shapes[name], candidates, fmt, warmup, repeats)
+                fastest_form(block, shapes[name], candidates, fmt, warmup, repeats, compile=compile)
                 if measure else rule_form(block, shapes[name], candidates)
             )
         chosen[name] = cache[key]
@@ -88,16 +95,20 @@ def choose_forms(
 
 
 def fastest_form(
-    block: nn.Module, shape: torch.Size, forms: Sequence[str], fmt: str, warmup: int, repeats: int
+    block: nn.Module, shape: torch.Size, forms: Sequence[str], fmt: str, warmup: int, repeats: int,
+    *, compile: bool = False,
 ) -> str:
-    """Time every form of ``block`` on a random input of ``shape`` (interleaved) and return the fastest."""
+    """Time every form of ``block`` on a random input of ``shape`` (interleaved) and return the fastest.
+
+    ``compile``: time each form under ``torch.compile`` (compiled in the warm-up).
+    """
     if len(forms) == 1:
         return forms[0]
     param = next(block.parameters())
     x = torch.randn(shape, device=param.device, dtype=param.dtype)
     if x.dim() == 4:  # a Linear's input has no memory format
         x = x.to(memory_format=memory_format(fmt))
-    candidates = {form: to_memory_format(build_form(block, form), fmt).eval() for form in forms}
+    candidates = {form: compiled(to_memory_format(build_form(block, form), fmt).eval(), compile) for form in forms}
 
     def runner(module: nn.Module) -> Callable[[], Tensor]:
         def run() -> Tensor:
@@ -105,10 +116,11 @@ def fastest_form(
                 return module(x)
         return run
 
-    stats = compare_callables(
-        {form: runner(m) for form, m in candidates.items()}, warmup=warmup, repeats=repeats,
-        max_time_s=1.0, device=param.device,
-    )
+    with _compile_limits(compile):
+        stats = compare_callables(
+            {form: runner(m) for form, m in candidates.items()}, warmup=max(warmup, 2 * compile), repeats=repeats,
+            max_time_s=1.0, device=param.device,
+        )
     return min(stats, key=lambda form: stats[form].median_ms)
 
 
@@ -127,7 +139,8 @@ def form_macs(block: nn.Module, shape: Sequence[int], form: str) -> int:
                           padding=block.padding, dilation=block.dilation, bias=False, device="meta")
         return int(shape[0]) * conv2d_macs(dense, hw)
     assert isinstance(block, CPDBlock)
-    return int(shape[0]) * cpd_block_macs(block, hw, form)
+    # "fused" computes the merged form's arithmetic in one kernel
+    return int(shape[0]) * cpd_block_macs(block, hw, "merged" if form == "fused" else form)
 
 
 def _dense_efficiency(block: nn.Module) -> float:
@@ -155,17 +168,37 @@ def _preference(form: str) -> int:
 
 
 def fastest_model(
-    candidates: Mapping[str, nn.Module], inputs: tuple[Tensor, ...], device: torch.device
+    candidates: Mapping[str, nn.Module], inputs: tuple[Tensor, ...], device: torch.device,
+    *, compile: bool = False,
 ) -> str:
-    """The key of the fastest whole model (e.g. one per memory format), timed interleaved."""
+    """The key of the fastest whole model (e.g. one per memory format), timed interleaved (compiled if asked)."""
     runners = {}
-    for key, candidate in candidates.items():
-        def run(candidate: nn.Module = candidate) -> Any:
+    for key, module in candidates.items():
+        def run(candidate: nn.Module = compiled(module, compile)) -> Any:  # noqa: B008 - bound once per candidate
             with torch.no_grad():
                 return candidate(*inputs)
         runners[key] = run
-    stats = compare_callables(runners, warmup=1, repeats=5, max_time_s=10.0, device=device)
+    with _compile_limits(compile):
+        stats = compare_callables(runners, warmup=1 + compile, repeats=5, max_time_s=10.0, device=device)
     return min(stats, key=lambda key: stats[key].median_ms)
+
+
+def compiled(module: nn.Module, compile: bool) -> nn.Module:
+    """``torch.compile(module)`` (static shapes: each timing is for one input shape) or ``module`` itself."""
+    return cast(nn.Module, torch.compile(module, dynamic=False)) if compile else module
+
+
+@contextlib.contextmanager
+def _compile_limits(compile: bool) -> Iterator[None]:
+    """Let dynamo compile every candidate: past its recompile limit (8 per code object by default)
+    it would silently run the rest eagerly, and their timings would lie."""
+    if not compile:
+        yield
+        return
+    import torch._dynamo.config as dynamo_config
+
+    with dynamo_config.patch(recompile_limit=1024, accumulated_recompile_limit=4096):
+        yield
 
 
 # ================================================================ training

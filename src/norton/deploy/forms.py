@@ -9,6 +9,8 @@ A rank-``R`` CPDBlock ``(N filters, C_in inputs, k_h x k_w)`` can run as:
                k_h x k_w conv ``Conv2d(N*R, N, groups=N)``: each group reads the R rank
                components of one filter, so the rank sum happens inside the conv.
 ``"dense"``    the block re-materialised as one dense (possibly pruned) ``nn.Conv2d``.
+``"fused"``    (CUDA) pointwise 1x1, then one Triton kernel for depthwise k_h x k_w + rank sum
+               (:mod:`norton.deploy.fused_cpd`): the ``R*N``-channel intermediate is read once.
 
 The layer-level decomposed blocks (:class:`~norton.decomposition.factorized.FactorizedConv`:
 Tucker-2, layer-wise CP, SVD; and :class:`~norton.decomposition.low_rank_layers.LowRankLinear`)
@@ -36,10 +38,13 @@ from norton.decomposition.low_rank_layers import LowRankLinear
 from norton.errors import UserError
 
 INFERENCE_FORMS = ("cpd", "merged", "grouped", "dense")
+# Forms with a kernel of their own that runs on CUDA only (norton.deploy.fused_cpd); elsewhere
+# they compute the merged form, so a recorded model still loads and runs on CPU.
+GPU_FORMS = ("fused",)
 TRAINING_FORMS = ("cpd", "merged", "grouped", "dense")
 # The forms of a layer-level decomposed block; a record holds these too.
 FACTORED_FORMS = ("factored", "dense")
-RECORDED_FORMS = (*INFERENCE_FORMS, "factored")
+RECORDED_FORMS = (*INFERENCE_FORMS, *GPU_FORMS, "factored")
 LAYER_BLOCKS = (FactorizedConv, LowRankLinear)
 
 
@@ -176,7 +181,11 @@ def build_form(block: nn.Module, form: str) -> nn.Module:
         return GroupedCPDConv(block)
     if form == "dense":
         return dense_form(block)
-    raise UserError(f"unknown inference form {form!r}; choose from {', '.join(INFERENCE_FORMS)}")
+    if form == "fused":
+        from norton.deploy.fused_cpd import FusedCPDConv  # Triton is imported only when asked for
+
+        return FusedCPDConv(block)
+    raise UserError(f"unknown inference form {form!r}; choose from {', '.join((*INFERENCE_FORMS, *GPU_FORMS))}")
 
 
 def form_of(module: nn.Module) -> str | None:

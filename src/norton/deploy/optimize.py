@@ -8,7 +8,10 @@ runs the whole model fastest. What it chose is appended to ``model.norton_plan``
 
     {"op": "optimize", "forms": {layer: form}, "fold_bn": [[producer, batchnorm], ...],
      "memory_format": "contiguous" | "channels_last",
+     "dtype": "float32" | "bfloat16" | "float16", "compile": bool,
      "measured_on": {"device": ..., "batch_size": ..., "measure": ...}}
+
+(records written before ``dtype`` and ``compile`` existed replay as float32, eager.)
 
 and :func:`replay_optimize` rebuilds that structure before a state dict loads (this
 module registers the operation with :mod:`norton.plan`, so ``norton.save`` /
@@ -21,9 +24,10 @@ optimizers, checkpoints and results are unchanged; only the speed differs.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -38,7 +42,6 @@ from norton.deploy._helpers import (
     model_device,
     non_finite_message,
     set_submodule,
-    tensors_in,
     to_memory_format,
 )
 from norton.deploy.batchnorm import PRODUCERS, find_batchnorm_pairs, fold_batchnorm, fold_structure
@@ -49,6 +52,7 @@ from norton.deploy.choice import (
     fastest_training_form,
 )
 from norton.deploy.forms import (
+    GPU_FORMS,
     INFERENCE_FORMS,
     RECORDED_FORMS,
     TRAINING_FORMS,
@@ -58,6 +62,7 @@ from norton.deploy.forms import (
     is_plain_block,
     set_training_form,
 )
+from norton.deploy.tolerance import DTYPES, check_close, dtype_name, equivalence_tolerance, tf32_enabled
 from norton.errors import UserError
 from norton.example_inputs import module_input_shapes
 from norton.limits import check_repeats
@@ -66,8 +71,6 @@ from norton.plan import PlanOperation, append_record, record_original, register_
 MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
 # Formats a record can hold: "auto" is resolved before anything is recorded.
 RECORDED_MEMORY_FORMATS = MEMORY_FORMATS[1:]
-# Relative tolerance of the end-to-end check: max |optimized - original| / max |original|.
-RELATIVE_TOLERANCE = 1e-4
 
 
 # ================================================================ inference
@@ -76,13 +79,15 @@ def optimize_for_inference(
     example_inputs: Inputs,
     *,
     device: torch.device | str | None = None,
-    forms: Sequence[str] = INFERENCE_FORMS,
+    forms: Sequence[str] | None = None,
     fold_bn: bool = True,
     memory_format: str = "auto",
     measure: bool = True,
     warmup: int = 1,
     repeats: int = 7,
     check: bool = True,
+    dtype: torch.dtype | str = torch.float32,
+    compile: bool = False,
 ) -> nn.Module:
     """An eval-mode copy of ``model`` with each CPDBlock in its fastest equivalent form.
 
@@ -92,21 +97,33 @@ def optimize_for_inference(
         model: any module, e.g. from ``norton.create_model``, after decompose/prune.
         example_inputs: a batch like the ones the model will serve (its batch size
             matters: the fastest form at batch 1 is not always the fastest at 32).
+            Floating-point inputs are cast to ``dtype`` for timing.
         device: where to run and measure; default: the model's device.
-        forms: the candidate forms, from ``"cpd", "merged", "grouped", "dense"``.
-        fold_bn: fold eval-mode BatchNorms into the layer before them.
+        forms: the candidate forms, from ``"cpd", "merged", "grouped", "dense"`` and, on
+            CUDA with Triton, ``"fused"``; default: all that run on ``device``.
+        fold_bn: fold eval-mode BatchNorms into the layer before them (in float32).
         memory_format: ``"contiguous"``, ``"channels_last"``, or ``"auto"`` (time the
             whole model in both and keep the faster; ``"contiguous"`` when ``measure=False``).
         measure: time candidates per layer; ``False`` uses a MACs rule instead (fast, deterministic).
         warmup, repeats: per-layer timing (interleaved rounds, median).
-        check: compare outputs with the original on ``example_inputs`` (relative
-            max difference ``<= 1e-4``), raising ``RuntimeError`` otherwise; a model whose
-            own outputs are not finite (NaN or inf) cannot be checked: ``UserError``.
+        check: compare outputs with the float32 original on ``example_inputs``, raising
+            ``RuntimeError`` beyond :func:`~norton.deploy.tolerance.equivalence_tolerance`
+            (by dtype and TF32); a model whose own outputs are not finite (NaN or inf)
+            cannot be checked: ``UserError``.
+        dtype: ``torch.float32``, ``torch.bfloat16`` or ``torch.float16`` (or their names):
+            BatchNorms are folded in float32, then the model is cast; the returned
+            model takes inputs of this dtype.
+        compile: choose forms (and the memory format) by timing them under
+            ``torch.compile``; the returned model is not compiled: call ``torch.compile``
+            on it (it stays an ``nn.Module`` that ``norton.save`` can write).
 
+    On CUDA the timing runs with ``torch.backends.cudnn.benchmark`` on (restored after).
     The choice is appended to ``model.norton_plan`` (see the module docstring);
     :func:`replay_optimize` rebuilds it.
     """
-    forms = _check_forms(forms, INFERENCE_FORMS, "inference")
+    precision = dtype_name(dtype)
+    if not isinstance(compile, bool):
+        raise UserError(f"compile must be True or False, got {compile!r}")
     if memory_format not in MEMORY_FORMATS:
         raise UserError(f"memory_format must be one of {', '.join(MEMORY_FORMATS)}, got {memory_format!r}")
     if not isinstance(model, nn.Module):
@@ -114,21 +131,26 @@ def optimize_for_inference(
     check_repeats(warmup, "warmup", minimum=0)
     check_repeats(repeats, "repeats")
     device = torch.device(device) if device is not None else model_device(model)
+    forms = _inference_forms(forms, device)
+    cast = DTYPES[precision]
     inputs = tuple(t.to(device) for t in as_tuple(example_inputs))
-    model = copy.deepcopy(model).to(device).eval()  # the caller's model stays as it is
+    model = copy.deepcopy(model).to(device).float().eval()  # the caller's model stays as it is; folds in fp32
     record_original(model)
     for module in model.modules():
         if type(module) is TrainingFormCPDBlock:  # a training-time forward is no inference form
             set_training_form(module, "cpd")
-    reference = _run(model, inputs) if check else None
+    fp32_inputs = tuple(t.float() if t.is_floating_point() else t for t in inputs)
+    reference = _run(model, fp32_inputs) if check else None
     if reference is not None and not all_finite(reference):
         raise UserError(non_finite_message(model, "optimize_for_inference"))
 
-    pairs = find_batchnorm_pairs(model, inputs) if fold_bn else []
+    pairs = find_batchnorm_pairs(model, fp32_inputs) if fold_bn else []
     modules = dict(model.named_modules())
     for producer, bn in pairs:
         fold_batchnorm(modules[producer], modules[bn])
         set_submodule(model, bn, nn.Identity())
+    model.to(cast)
+    inputs = tuple(t.to(cast) if t.is_floating_point() else t for t in inputs)
 
     # CPDBlocks and layer-level decomposed blocks (Tucker-2, layer-wise CP, SVD: "factored" or "dense")
     blocks = [name for name, m in model.named_modules() if isinstance(m, CPDBlock) or is_layer_block(m)]
@@ -137,34 +159,68 @@ def optimize_for_inference(
     else:  # without measuring there is nothing to compare formats by: keep the default layout
         formats = ("contiguous", "channels_last") if measure else ("contiguous",)
     candidates: dict[str, tuple[nn.Module, dict[str, str]]] = {}
-    for fmt in formats:
-        candidate = model if len(formats) == 1 else copy.deepcopy(model)
-        try:
-            chosen = choose_forms(candidate, blocks, inputs, forms, fmt, measure, warmup, repeats)
-        except RuntimeError:  # e.g. a .view() in the model that channels-last strides do not allow
-            if len(formats) == 1:
-                raise
-            continue
-        candidates[fmt] = (candidate, chosen)
-    if not candidates:
-        raise RuntimeError("optimize_for_inference: the model runs in no memory format tried")
-    if len(candidates) == 1:
-        fmt = next(iter(candidates))
-    else:
-        fmt = fastest_model({key: module for key, (module, _) in candidates.items()}, inputs, device)
+    with _cudnn_benchmark(device):
+        for fmt in formats:
+            candidate = model if len(formats) == 1 else copy.deepcopy(model)
+            try:
+                chosen = choose_forms(candidate, blocks, inputs, forms, fmt, measure, warmup, repeats, compile=compile)
+            except RuntimeError:  # e.g. a .view() in the model that channels-last strides do not allow
+                if len(formats) == 1:
+                    raise
+                continue
+            candidates[fmt] = (candidate, chosen)
+        if not candidates:
+            raise RuntimeError("optimize_for_inference: the model runs in no memory format tried")
+        if len(candidates) == 1:
+            fmt = next(iter(candidates))
+        else:
+            fmt = fastest_model({key: module for key, (module, _) in candidates.items()}, inputs, device,
+                                compile=compile)
     model, chosen = candidates[fmt]
 
     if reference is not None:
-        _check_close(reference, _run(model, inputs), "optimize_for_inference")
+        tf32 = device.type == "cuda" and tf32_enabled()
+        tolerance = equivalence_tolerance(cast, device.type, tf32)
+        setting = f"{precision}{' (TF32)' * (tf32 and precision == 'float32')} on {device.type}"
+        check_close(reference, _run(model, inputs), tolerance, "optimize_for_inference", setting)
     append_record(model, {
         "op": "optimize",
         "forms": dict(chosen),
         "fold_bn": [[producer, bn] for producer, bn in pairs],
         "memory_format": fmt,
+        "dtype": precision,
+        "compile": compile,
         "measured_on": {"device": str(device), "batch_size": int(inputs[0].shape[0]) if inputs[0].dim() else 1,
                         "measure": bool(measure)},
     })
     return model
+
+
+def _inference_forms(forms: Sequence[str] | None, device: torch.device) -> tuple[str, ...]:
+    """The candidate forms: those given (checked), else every form that runs on ``device``."""
+    from norton.deploy.fused_cpd import fused_available
+
+    if forms is None:
+        return (*INFERENCE_FORMS, *GPU_FORMS) if fused_available(device) else INFERENCE_FORMS
+    checked = _check_forms(forms, (*INFERENCE_FORMS, *GPU_FORMS), "inference")
+    if "fused" in checked and not fused_available(device):
+        raise UserError(f"the 'fused' form needs Triton and a CUDA device, not {device}; "
+                        f"choose from {', '.join(INFERENCE_FORMS)}")
+    return checked
+
+
+@contextlib.contextmanager
+def _cudnn_benchmark(device: torch.device) -> Iterator[None]:
+    """cuDNN picks its fastest algorithm per shape while forms are timed (restored after)."""
+    if device.type != "cuda":
+        yield
+        return
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
 
 
 def replay_optimize(model: nn.Module, record: Mapping[str, Any]) -> nn.Module:
@@ -200,6 +256,7 @@ def replay_optimize(model: nn.Module, record: Mapping[str, Any]) -> nn.Module:
     for name, form in forms.items():
         if form not in ("cpd", "factored"):
             set_submodule(model, name, build_form(modules[name], form))
+    model.to(DTYPES[record.get("dtype", "float32")])  # before the state dict loads: it keeps this dtype
     to_memory_format(model, record.get("memory_format", "contiguous"))
     model.eval()
     append_record(model, record)
@@ -231,13 +288,17 @@ def check_optimize_record(record: Mapping[str, Any]) -> None:
         raise UserError(
             f"optimize record: memory_format must be one of {', '.join(RECORDED_MEMORY_FORMATS)}, got {fmt!r:.40}"
         )
+    if record.get("dtype", "float32") not in DTYPES:
+        raise UserError(f"optimize record: dtype must be one of {', '.join(DTYPES)}, got {record.get('dtype')!r:.40}")
+    if not isinstance(record.get("compile", False), bool):
+        raise UserError(f"optimize record: 'compile' must be true or false, got {record.get('compile')!r:.40}")
     measured_on = record.get("measured_on", {})
     if not isinstance(measured_on, Mapping):
         raise UserError(f"optimize record: 'measured_on' must be a dict, got {type(measured_on).__name__}")
 
 
 def describe_optimize_record(record: Mapping[str, Any]) -> str:
-    """``optimize: 12 layers as dense, 3 as merged; 20 BatchNorms folded; channels_last (timed on cpu at batch 1)``."""
+    """``optimize: 12 layers as dense, 3 as merged; 20 BatchNorms folded; channels_last; bfloat16 (timed on cpu at batch 1)``."""
     counts = Counter(record.get("forms", {}).values()).most_common()
     forms = ", ".join(
         f"{count} layer{'s' * (count != 1)} as {form}" if i == 0 else f"{count} as {form}"
@@ -246,6 +307,10 @@ def describe_optimize_record(record: Mapping[str, Any]) -> str:
     folds = len(record.get("fold_bn", []))
     line = (f"optimize: {forms}; {folds} BatchNorm{'s' * (folds != 1)} folded; "
             f"{record.get('memory_format', 'contiguous')}")
+    if record.get("dtype", "float32") != "float32":
+        line += f"; {record['dtype']}"
+    if record.get("compile"):
+        line += "; forms chosen under torch.compile"
     measured_on = record.get("measured_on") or {}
     if measured_on.get("measure") is False:
         return line + " (chosen by the MACs rule)"
@@ -319,17 +384,3 @@ def _check_forms(forms: Sequence[str], allowed: Sequence[str], what: str) -> tup
 def _run(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Any:
     with torch.no_grad():
         return model(*inputs)
-
-
-def _check_close(expected: Any, actual: Any, what: str) -> None:
-    """Raise ``RuntimeError`` if ``actual`` differs from ``expected`` beyond the tolerance (NaN counts as far)."""
-    for a, b in zip(tensors_in(actual), tensors_in(expected), strict=True):
-        if not b.numel():
-            continue
-        scale = max(b.abs().max().item(), 1e-12)
-        error = (a.float() - b.float()).abs().max().item()
-        if not error <= RELATIVE_TOLERANCE * scale:  # `not <=`: a NaN difference fails too
-            raise RuntimeError(
-                f"{what}: outputs differ from the original by {error:.3g} (relative {error / scale:.3g} "
-                f"> {RELATIVE_TOLERANCE}); this is a bug in norton, please report it"
-            )
