@@ -124,13 +124,32 @@ def _onnx_export(model: nn.Module, example: Tensor, path: Path, *, opset: int, d
                 )
 
 
-def onnxruntime_session(path: str | os.PathLike, *, threads: int | None = None) -> Any:
-    """An onnxruntime CPU ``InferenceSession`` for ``path`` (``threads`` intra-op threads, default torch's)."""
+def onnxruntime_session(
+    path: str | os.PathLike, *, threads: int | None = None, optimization_level: str = "all", spinning: bool = False,
+) -> Any:
+    """An onnxruntime CPU ``InferenceSession`` for ``path`` (``threads`` intra-op threads, default torch's).
+
+    ``spinning``: let the session's idle worker threads busy-wait for the next run (onnxruntime's
+    default). Off here: several sessions in one process (a benchmark) would otherwise burn the
+    cores each other needs (docs/speed.md, "ONNX Runtime").
+
+    ``optimization_level``: onnxruntime's graph optimizations, ``"basic"`` (constant folding,
+    Conv+BatchNorm fusion), ``"extended"`` (+ fused activations, ...) or ``"all"`` (+ the NCHWc
+    layout: MLAS's blocked convolutions; onnxruntime's default).
+    """
     import onnxruntime
 
+    levels = {"disabled": onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL,
+              "basic": onnxruntime.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+              "extended": onnxruntime.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+              "all": onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL}
+    if optimization_level not in levels:
+        raise UserError(f"optimization_level must be one of {', '.join(levels)}, got {optimization_level!r}")
     options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = levels[optimization_level]
     options.intra_op_num_threads = threads or torch.get_num_threads()
     options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     options.log_severity_level = 3  # errors only
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 

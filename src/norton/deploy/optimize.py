@@ -42,6 +42,7 @@ from norton.deploy._helpers import (
     model_device,
     non_finite_message,
     set_submodule,
+    tensors_in,
     to_memory_format,
 )
 from norton.deploy.batchnorm import PRODUCERS, find_batchnorm_pairs, fold_batchnorm, fold_structure
@@ -62,7 +63,14 @@ from norton.deploy.forms import (
     is_plain_block,
     set_training_form,
 )
-from norton.deploy.tolerance import DTYPES, check_close, dtype_name, equivalence_tolerance, tf32_enabled
+from norton.deploy.tolerance import (
+    DTYPES,
+    check_close,
+    dtype_name,
+    equivalence_tolerance,
+    relative_difference,
+    tf32_enabled,
+)
 from norton.errors import UserError
 from norton.example_inputs import module_input_shapes
 from norton.limits import check_repeats
@@ -143,6 +151,10 @@ def optimize_for_inference(
     reference = _run(model, fp32_inputs) if check else None
     if reference is not None and not all_finite(reference):
         raise UserError(non_finite_message(model, "optimize_for_inference"))
+    device_tf32 = device.type == "cuda" and tf32_enabled()
+    tolerance = equivalence_tolerance(cast, device.type, device_tf32)
+    if reference is not None and cast != torch.float32:
+        _check_dtype_suits(model, inputs, reference, cast, tolerance)
 
     pairs = find_batchnorm_pairs(model, fp32_inputs) if fold_bn else []
     modules = dict(model.named_modules())
@@ -179,9 +191,7 @@ def optimize_for_inference(
     model, chosen = candidates[fmt]
 
     if reference is not None:
-        tf32 = device.type == "cuda" and tf32_enabled()
-        tolerance = equivalence_tolerance(cast, device.type, tf32)
-        setting = f"{precision}{' (TF32)' * (tf32 and precision == 'float32')} on {device.type}"
+        setting = f"{precision}{' (TF32)' * (device_tf32 and precision == 'float32')} on {device.type}"
         check_close(reference, _run(model, inputs), tolerance, "optimize_for_inference", setting)
     append_record(model, {
         "op": "optimize",
@@ -207,6 +217,27 @@ def _inference_forms(forms: Sequence[str] | None, device: torch.device) -> tuple
         raise UserError(f"the 'fused' form needs Triton and a CUDA device, not {device}; "
                         f"choose from {', '.join(INFERENCE_FORMS)}")
     return checked
+
+
+def _check_dtype_suits(
+    model: nn.Module, inputs: tuple[torch.Tensor, ...], reference: Any, dtype: torch.dtype, tolerance: float
+) -> None:
+    """``UserError`` when the model merely cast to ``dtype`` (nothing optimized) already misses ``tolerance``.
+
+    Then the drift is the dtype's (e.g. activations below float16's normal range), not norton's,
+    and no optimized form could pass the check.
+    """
+    probe = copy.deepcopy(model).to(dtype)
+    outputs = _run(probe, tuple(t.to(dtype) if t.is_floating_point() else t for t in inputs))
+    worst = max((relative_difference(a, b) for a, b in zip(tensors_in(outputs), tensors_in(reference), strict=True)
+                 if b.numel()), default=0.0)
+    hint = "dtype=torch.bfloat16 (float32's range) or torch.float32" if dtype == torch.float16 else "dtype=torch.float32"
+    if not worst <= tolerance:
+        raise UserError(
+            f"the model itself, cast to {dtype_name(dtype)} and not optimized, differs from float32 by {worst:.3g} "
+            f"of its outputs' largest magnitude (> {tolerance:g}): its activations leave {dtype_name(dtype)}'s "
+            f"range or precision; use {hint}"
+        )
 
 
 @contextlib.contextmanager

@@ -16,10 +16,16 @@ over the unit roundoff ``u`` of the arithmetic the optimized model runs in:
   inputs are rounded to 10 mantissa bits, ``u = 2**-11 = 4.9e-4``; an optimized
   ResNet-50 drifted 1.0e-4 on an H200 (issue #12), over the old fixed 1e-4. 5e-3 is 10 u.
 * float16: 10 mantissa bits like TF32, and every activation is also *stored* at that
-  precision, so rounding accumulates layer after layer: 1e-2 (20 u).
-* bfloat16: 7 mantissa bits, ``u = 2**-8 = 3.9e-3``: 5e-2 (13 u). Measured here (CPU,
-  random weights, batch 2 at 224x224, docs/speed.md): casting a torchvision model to
-  bfloat16 alone moves its logits by up to ~1e-2 of their maximum.
+  precision, so rounding accumulates layer after layer: 2e-2 (40 u).
+* bfloat16: 7 mantissa bits, ``u = 2**-8 = 3.9e-3``: 5e-2 (13 u).
+
+Measured here (CPU, torch 2.14.1, random weights, batch 2 at 224x224): casting a
+torchvision model to the dtype, with nothing optimized, moves its logits by
+3.7e-3 / 5.0e-3 / 5.3e-3 (bfloat16: resnet18 / resnet50 / mobilenet_v2) and
+3.1e-3 / 3.7e-3 (float16: resnet18 / resnet50) of their maximum, so the values leave
+a 4-10x margin. (mobilenet_v2 in float16 drifts by 1.0: its random-weight activations
+fall below float16's normal range, 6e-5. ``optimize_for_inference`` checks the plain
+cast first and refuses such a dtype with a ``UserError``, not "a bug in norton".)
 
 A real bug (a BatchNorm folded into the wrong channels, a permuted rank sum, a lost
 bias) moves outputs by O(1) of their maximum, far beyond every value here.
@@ -40,7 +46,7 @@ _ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "
 
 FP32_TOLERANCE = 1e-4
 TF32_TOLERANCE = 5e-3
-FP16_TOLERANCE = 1e-2
+FP16_TOLERANCE = 2e-2
 BF16_TOLERANCE = 5e-2
 
 
