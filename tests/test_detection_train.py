@@ -54,7 +54,7 @@ def tiny_set(n: int = 8) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
 
 
 def collate(batch):
-    return tuple(zip(*batch))
+    return tuple(zip(*batch, strict=True))
 
 
 def loader(items, batch_size: int = 4, shuffle: bool = True) -> DataLoader:
