@@ -16,6 +16,17 @@ if [ ! -d /usr/share/datasets/fashion-mnist ]; then
   fi
 fi
 
+# labelme-examples: real photographs with COCO-format annotations, read by the detection
+# tests (tests/test_detection_coco.py fails, saying so, without it). Not fatal here either.
+if [ ! -f /usr/share/doc/labelme-examples/examples/instance_segmentation/data_dataset_coco/annotations.json ]; then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null && SUDO="sudo"
+  if ! $SUDO apt-get install -y -q labelme-examples >/dev/null 2>&1; then
+    $SUDO apt-get update -q >/dev/null 2>&1 || true
+    $SUDO apt-get install -y -q labelme-examples >/dev/null 2>&1 \
+      || echo "setup: could not install Debian's labelme-examples; the detection data tests will fail until it is installed" >&2
+  fi
+fi
+
 if [ ! -x "$VENV/bin/python" ]; then
   python3.11 -m venv "$VENV" 2>/dev/null || python3 -m venv "$VENV"
 fi
