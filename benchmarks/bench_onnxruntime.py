@@ -12,6 +12,8 @@ compressed model:
   unoptimized model gives);
 * ``optimized (torch)``: ``optimize_for_inference`` with forms timed in PyTorch (what
   ``norton export --optimize`` wrote until now);
+* ``optimized (ORT)``: ``optimize_for_inference(runtime="onnxruntime")``, forms timed exported,
+  in onnxruntime sessions;
 * ``dense`` / ``merged`` / ``grouped``: every block forced to one form (``measure=False``).
 
 ``--profile`` also prints onnxruntime's per-operator time split for the compressed
@@ -43,7 +45,8 @@ LEVELS = ("basic", "extended", "all")
 def variants(baseline: torch.nn.Module, compressed: torch.nn.Module, x: torch.Tensor) -> dict[str, torch.nn.Module]:
     out = {"baseline": optimize_for_inference(baseline, x, memory_format="contiguous"),
            "as built": compressed,
-           "optimized (torch)": optimize_for_inference(compressed, x, memory_format="contiguous")}
+           "optimized (torch)": optimize_for_inference(compressed, x, memory_format="contiguous"),
+           "optimized (ORT)": optimize_for_inference(compressed, x, runtime="onnxruntime")}
     for form in ("dense", "merged", "grouped"):
         out[form] = optimize_for_inference(compressed, x, forms=(form,), measure=False)
     return out
@@ -106,7 +109,8 @@ def main() -> None:
                 models = variants(baseline, compressed, x)
                 runners, paths = {}, {}
                 for key, model in models.items():
-                    paths[key] = os.path.join(workdir, f"{name.replace('/', '_')}_{key.split()[0]}_{batch}.onnx")
+                    slug = key.replace(" ", "_").replace("(", "").replace(")", "")
+                    paths[key] = os.path.join(workdir, f"{name.replace('/', '_')}_{slug}_{batch}.onnx")
                     export_onnx(model.float(), paths[key], x, check=False)
                     for level in LEVELS:
                         session = onnxruntime_session(paths[key], optimization_level=level, spinning=args.spinning)
@@ -114,9 +118,9 @@ def main() -> None:
                 named = {f"{key}|{level}": fn for (key, level), fn in runners.items()}
                 stats = compare_callables(named, warmup=2, repeats=args.repeats)
                 ms = {tuple(k.split("|")): s.median_ms for k, s in stats.items()}
-                forms = dict(Counter(models["optimized (torch)"].norton_plan[-1]["forms"].values()))
-                print(f"  batch {batch}: median ms (speedup over the baseline at the same level); "
-                      f"optimized forms {forms}")
+                forms = {key: dict(Counter(models[key].norton_plan[-1]["forms"].values()))
+                         for key in ("optimized (torch)", "optimized (ORT)")}
+                print(f"  batch {batch}: median ms (speedup over the baseline at the same level); forms {forms}")
                 print(f"  {'exported form':<20}" + "".join(f"{level:>22}" for level in LEVELS))
                 for key in models:
                     cells = "".join(
@@ -128,15 +132,15 @@ def main() -> None:
                 if args.spin_check:
                     for spinning in (True, False):
                         pair = {key: onnxruntime_runner(onnxruntime_session(paths[key], spinning=spinning), x)
-                                for key in ("baseline", "optimized (torch)")}
+                                for key in ("baseline", "optimized (ORT)")}
                         got = compare_callables(pair, warmup=2, repeats=args.repeats)
-                        base, comp = got["baseline"].median_ms, got["optimized (torch)"].median_ms
+                        base, comp = got["baseline"].median_ms, got["optimized (ORT)"].median_ms
                         print(f"    two sessions, spinning {'on ' if spinning else 'off'}: baseline {base:.2f} ms, "
                               f"optimized {comp:.2f} ms ({base / comp:.2f}x)", flush=True)
                         del pair
                 if args.profile:
                     for level in ("all", "extended"):
-                        for key in ("baseline", "optimized (torch)"):
+                        for key in ("baseline", "optimized (torch)", "optimized (ORT)"):
                             shares = profile(paths[key], level, x, 5 if batch > 8 else 20, workdir)
                             top = ", ".join(f"{op} {share:.0%}" for op, share in list(shares.items())[:5])
                             print(f"    profile {key} @ {level}: {top}", flush=True)

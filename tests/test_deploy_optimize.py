@@ -282,3 +282,162 @@ def test_save_then_load_an_optimized_model(tmp_path):
     assert loaded.norton_plan == optimized.norton_plan
     with torch.no_grad():
         assert torch.equal(loaded(x), optimized(x))
+
+
+# ------------------------------------------------------------------ dtype and compile (issue #12)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_dtype_round_trips_through_save_and_load(tmp_path, dtype):
+    import norton
+    from norton.models import create_model
+    from norton.plan import describe_plan
+
+    model = create_model("resnet_20", compress_rate="[0.]+[0.3]*11", rank=2).eval()
+    x = torch.randn(2, 3, 8, 8)
+    optimized = norton.optimize_for_inference(model, x, dtype=dtype, repeats=2)
+    record = optimized.norton_plan[-1]
+    name = str(dtype).removeprefix("torch.")
+    assert record["dtype"] == name and record["compile"] is False
+    assert {p.dtype for p in optimized.parameters()} == {dtype}
+    with torch.no_grad():
+        assert _relative(optimized(x.to(dtype)).float(), model(x)) < 5e-2
+    loaded = norton.load(norton.save(optimized, tmp_path / "low.pt"))
+    assert {p.dtype for p in loaded.parameters()} == {dtype}
+    assert loaded.norton_plan == optimized.norton_plan
+    assert describe_plan(loaded.norton_plan)[-1].endswith(f"; {name} (timed on cpu at batch 2)")
+    with torch.no_grad():
+        assert torch.equal(loaded(x.to(dtype)), optimized(x.to(dtype)))
+
+
+def test_a_record_without_dtype_replays_as_float32_and_bad_dtypes_are_refused():
+    from norton.plan import check_plan
+
+    old = {"op": "optimize", "forms": {"3": "merged"}, "fold_bn": [["0", "1"]], "memory_format": "contiguous"}
+    model = replay_optimize(_small_model(), old)  # written before dtype and compile existed
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    model = replay_optimize(_small_model(), {**old, "dtype": "bfloat16", "compile": True})
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    for bad, needle in (({"dtype": "float64"}, "dtype must be one of float32"), ({"compile": "yes"}, "'compile'")):
+        with pytest.raises(UserError, match=needle):
+            check_plan([{**old, **bad}])
+    with pytest.raises(UserError, match="dtype must be one of"):
+        optimize_for_inference(_small_model(), torch.randn(1, 3, 8, 8), dtype=torch.float64)
+    with pytest.raises(UserError, match="compile must be True or False"):
+        optimize_for_inference(_small_model(), torch.randn(1, 3, 8, 8), compile="yes")
+
+
+def test_batchnorm_folds_in_float32_before_the_cast():
+    model = _small_model().to(torch.bfloat16)  # a model handed over in bfloat16 is folded in float32 too
+    x = torch.randn(2, 3, 16, 16)
+    folded = optimize_for_inference(model, x, dtype=torch.float32, measure=False)
+    assert {p.dtype for p in folded.parameters()} == {torch.float32}
+    with torch.no_grad():
+        assert _relative(folded(x), model.float()(x)) < 1e-4
+
+
+def _random_compressed_model(seed: int) -> tuple[nn.Module, torch.Tensor]:
+    """A tiny random CNN (conv-BN-ReLU stages, a residual add, random kernels and strides),
+    CP-decomposed at a random rank and pruned at a random ratio."""
+    from norton.decomposition.decompose import decompose
+    from norton.pruning.engine import prune
+
+    generator = torch.Generator().manual_seed(seed)
+
+    def pick(*options):
+        return options[int(torch.randint(len(options), (1,), generator=generator))]
+
+    torch.manual_seed(seed)
+    width, kernel = pick(6, 8, 12), pick(3, (3, 1), (1, 3), 5)
+    padding = (kernel // 2) if isinstance(kernel, int) else (kernel[0] // 2, kernel[1] // 2)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+            self.body = nn.Sequential(nn.Conv2d(width, width, kernel, padding=padding, bias=False),
+                                      nn.BatchNorm2d(width), nn.ReLU(),
+                                      nn.Conv2d(width, width, 3, padding=1, bias=pick(True, False)),
+                                      nn.BatchNorm2d(width))
+            self.down = nn.Sequential(nn.Conv2d(width, 2 * width, 3, stride=pick(1, 2), padding=1), nn.ReLU())
+            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, 5))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.stem(x)
+            return self.head(self.down(torch.relu(x + self.body(x))))
+
+    model = Net()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.normal_(0, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.normal_(1, 0.3)
+                module.bias.normal_(0, 0.3)
+    x = torch.randn(2, 3, 8, 8, generator=generator)
+    decompose(model.eval(), pick(1, 2, 3), exclude=["stem.0"], n_iter_max=3, progress=False)
+    prune(model, x, ratio=pick(0.2, 0.4, 0.5))
+    return model.eval(), x
+
+
+@pytest.mark.slow  # 40 optimizations, ~10-20 s
+def test_twenty_random_decomposed_and_pruned_models_pass_the_check_in_float32_and_bfloat16():
+    forms = (*INFERENCE_FORMS, INFERENCE_FORMS)  # one form forced everywhere, or the rule's choice
+    seen = set()
+    for seed in range(20):
+        model, x = _random_compressed_model(seed)
+        assert any(isinstance(m, CPDBlock) for m in model.modules())
+        with torch.no_grad():
+            expected = model(x)
+        for dtype in (torch.float32, torch.bfloat16):
+            candidates = forms[seed % len(forms)]
+            fmt = ("contiguous", "channels_last")[seed % 2]
+            optimized = optimize_for_inference(model, x, dtype=dtype, forms=candidates, memory_format=fmt, measure=False)
+            seen.update(optimized.norton_plan[-1]["forms"].values())
+            with torch.no_grad():
+                error = _relative(optimized(x.to(dtype)).float(), expected)
+            # what check=True enforced (it raised otherwise), re-measured here
+            assert error <= (1e-4 if dtype == torch.float32 else 5e-2), (seed, dtype, error)
+    assert seen == set(INFERENCE_FORMS)
+
+
+@pytest.mark.slow  # dynamo traces 18 modules, ~10-20 s
+def test_compile_times_every_form_compiled_and_records_it(monkeypatch):
+    from norton.deploy import choice
+
+    real_compile = torch.compile
+    compiled = []
+
+    def fake_compile(module, **kwargs):  # dynamo without code generation: the harness, not inductor, is tested
+        compiled.append(type(module).__name__)
+        return real_compile(module, backend="eager", **kwargs)
+
+    monkeypatch.setattr(choice.torch, "compile", fake_compile)
+    model = _small_model()
+    x = torch.randn(2, 3, 16, 16)
+    optimized = optimize_for_inference(model, x, compile=True, repeats=1, memory_format="auto")
+    # two distinct blocks x four forms, per memory format, then the two whole models
+    assert len(compiled) == 2 * 4 * 2 + 2
+    assert {"CPDBlock", "MergedCPDConv", "GroupedCPDConv", "Conv2d", "Sequential"} == set(compiled)
+    record = optimized.norton_plan[-1]
+    assert record["compile"] is True and record["dtype"] == "float32"
+    assert not isinstance(optimized, torch._dynamo.eval_frame.OptimizedModule)  # a plain module, savable
+    from norton.plan import describe_plan
+
+    assert "forms chosen under torch.compile" in describe_plan(optimized.norton_plan)[-1]
+
+
+def test_cudnn_benchmark_is_switched_on_for_cuda_timing_and_restored():
+    from norton.deploy.optimize import _cudnn_benchmark
+
+    before = torch.backends.cudnn.benchmark
+    try:
+        torch.backends.cudnn.benchmark = False
+        with _cudnn_benchmark(torch.device("cuda")):
+            assert torch.backends.cudnn.benchmark
+        assert torch.backends.cudnn.benchmark is False
+        with pytest.raises(ValueError), _cudnn_benchmark(torch.device("cuda")):
+            raise ValueError  # restored on errors too
+        assert torch.backends.cudnn.benchmark is False
+        with _cudnn_benchmark(torch.device("cpu")):
+            assert torch.backends.cudnn.benchmark is False
+    finally:
+        torch.backends.cudnn.benchmark = before

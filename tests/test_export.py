@@ -169,3 +169,55 @@ def test_dynamo_exporter_writes_opset_18(tmp_path):
     assert result.opset == 18 and result.max_relative_difference <= 1e-4
     proto = onnx.load(str(result.path))
     assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # symbolic batch
+
+
+# ------------------------------------------------------------------ onnxruntime sessions (issue #12)
+def test_onnxruntime_session_options_and_in_memory_files():
+    from norton.deploy.export import onnx_bytes, onnxruntime_runner, onnxruntime_session
+
+    model = _model()
+    x = torch.randn(2, 3, 8, 8)
+    data = onnx_bytes(model, x)
+    assert isinstance(data, bytes) and onnx.load_from_string(data).graph.node
+    levels = {"basic": onnxruntime.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+              "extended": onnxruntime.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+              "all": onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL}
+    with torch.no_grad():
+        expected = model(x)
+    for level, value in levels.items():
+        session = onnxruntime_session(data, optimization_level=level)
+        options = session.get_session_options()
+        assert options.graph_optimization_level == value
+        # idle threads do not spin: sessions timed side by side would steal each other's cores
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+        assert _relative(onnxruntime_runner(session, x)()[0], expected) < 1e-4
+    spinning = onnxruntime_session(data, spinning=True).get_session_options()
+    assert spinning.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    with pytest.raises(UserError, match="optimization_level must be one of"):
+        onnxruntime_session(data, optimization_level="max")
+
+
+def test_optimize_for_onnxruntime_times_forms_in_onnxruntime(monkeypatch):
+    from norton.deploy import export
+
+    sessions = []
+    real = export.onnxruntime_session
+
+    def counting(path, **kwargs):
+        sessions.append(path)
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(export, "onnxruntime_session", counting)
+    model = _model()
+    x = torch.randn(2, 3, 8, 8)
+    fast = optimize_for_inference(model, x, runtime="onnxruntime", repeats=2)
+    assert len(sessions) == 4 and all(isinstance(s, bytes) for s in sessions)  # one CPDBlock, four forms
+    record = fast.norton_plan[-1]
+    assert record["measured_on"]["runtime"] == "onnxruntime" and record["memory_format"] == "contiguous"
+    with torch.no_grad():
+        assert _relative(fast(x), model(x)) < 1e-4
+    for bad in ({"dtype": torch.bfloat16}, {"compile": True}):
+        with pytest.raises(UserError, match="runtime='onnxruntime' chooses forms for onnxruntime's CPU"):
+            optimize_for_inference(model, x, runtime="onnxruntime", **bad)
+    with pytest.raises(UserError, match="runtime must be one of torch, onnxruntime"):
+        optimize_for_inference(model, x, runtime="tensorrt")

@@ -96,7 +96,9 @@ def compare_models(
     :func:`norton.deploy.optimize.optimize_for_inference` for every model at every batch
     size (the fastest form depends on it). ``runtime="onnxruntime"`` exports each
     (checked) model to ONNX in ``workdir`` (a temporary folder by default) and times
-    an onnxruntime CPU session. Returns ``{batch_size: {name: ModelTiming}}``.
+    an onnxruntime CPU session (with ``optimize``, its forms chosen by timing them in
+    onnxruntime; idle session threads do not spin, so the sessions timed side by side
+    do not steal each other's cores). Returns ``{batch_size: {name: ModelTiming}}``.
     """
     if runtime not in RUNTIMES:
         raise UserError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
@@ -119,7 +121,9 @@ def compare_models(
                 if optimize:
                     from norton.deploy.optimize import optimize_for_inference
 
-                    prepared = optimize_for_inference(prepared, inputs, device=device)
+                    # for onnxruntime, forms are chosen by timing them in onnxruntime: its kernels rank them
+                    # differently from PyTorch's (docs/speed.md, "ONNX Runtime")
+                    prepared = optimize_for_inference(prepared, inputs, device=device, runtime=runtime)
                 if runtime == "onnxruntime":
                     from norton.deploy.export import export_onnx, onnxruntime_runner, onnxruntime_session
 

@@ -59,7 +59,7 @@ def block_signature(block: nn.Module) -> tuple:
 # ================================================================ inference
 def choose_forms(
     model: nn.Module, blocks: Sequence[str], inputs: tuple[Tensor, ...], forms: Sequence[str], fmt: str,
-    measure: bool, warmup: int, repeats: int, *, compile: bool = False,
+    measure: bool, warmup: int, repeats: int, *, compile: bool = False, runtime: str = "torch",
 ) -> dict[str, str]:
     """Put ``model`` in memory format ``fmt``, pick each named block's form and swap it in.
 
@@ -83,7 +83,7 @@ def choose_forms(
         key = (block_signature(block), tuple(shapes[name]))
         if key not in cache:
             cache[key] = (
-                fastest_form(block, shapes[name], candidates, fmt, warmup, repeats, compile=compile)
+                fastest_form(block, shapes[name], candidates, fmt, warmup, repeats, compile=compile, runtime=runtime)
                 if measure else rule_form(block, shapes[name], candidates)
             )
         chosen[name] = cache[key]
@@ -96,11 +96,13 @@ def choose_forms(
 
 def fastest_form(
     block: nn.Module, shape: torch.Size, forms: Sequence[str], fmt: str, warmup: int, repeats: int,
-    *, compile: bool = False,
+    *, compile: bool = False, runtime: str = "torch",
 ) -> str:
     """Time every form of ``block`` on a random input of ``shape`` (interleaved) and return the fastest.
 
     ``compile``: time each form under ``torch.compile`` (compiled in the warm-up).
+    ``runtime="onnxruntime"``: time each form exported to ONNX, in an onnxruntime CPU session
+    (its kernels rank the forms differently from PyTorch's: docs/speed.md, "ONNX Runtime").
     """
     if len(forms) == 1:
         return forms[0]
@@ -110,7 +112,12 @@ def fastest_form(
         x = x.to(memory_format=memory_format(fmt))
     candidates = {form: compiled(to_memory_format(build_form(block, form), fmt).eval(), compile) for form in forms}
 
-    def runner(module: nn.Module) -> Callable[[], Tensor]:
+    def runner(module: nn.Module) -> Callable[[], Any]:
+        if runtime == "onnxruntime":
+            from norton.deploy.export import onnx_bytes, onnxruntime_runner, onnxruntime_session
+
+            return onnxruntime_runner(onnxruntime_session(onnx_bytes(module, x)), x)
+
         def run() -> Tensor:
             with torch.no_grad():
                 return module(x)

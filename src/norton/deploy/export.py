@@ -18,6 +18,7 @@ with it the opset is raised to at least 18. See docs/speed.md.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import tempfile
 import warnings
@@ -109,13 +110,25 @@ def export_onnx(
     return ExportResult(path, "onnx", opset, batches, difference)
 
 
-def _onnx_export(model: nn.Module, example: Tensor, path: Path, *, opset: int, dynamic_batch: bool, exporter: str) -> None:
+def onnx_bytes(model: nn.Module, example: Tensor, *, opset: int = 17) -> bytes:
+    """``model`` as an in-memory ONNX file (legacy exporter, fixed batch, unchecked): for timing a layer."""
+    buffer = io.BytesIO()
+    with _eval_mode(model):
+        _onnx_export(model, example, buffer, opset=opset, dynamic_batch=False, exporter="torchscript")
+    return buffer.getvalue()
+
+
+def _onnx_export(
+    model: nn.Module, example: Tensor, path: Path | io.BytesIO, *, opset: int, dynamic_batch: bool, exporter: str,
+) -> None:
     common: dict[str, Any] = {"input_names": [INPUT_NAME], "output_names": [OUTPUT_NAME], "opset_version": opset}
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the legacy exporter's deprecation notices are not the user's concern
         if exporter == "torchscript":
             axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
-            torch.onnx.export(model, (example,), str(path), dynamo=False, dynamic_axes=axes, **common)
+            # the legacy exporter writes to a file object too (the stub names paths only)
+            target: Any = path if isinstance(path, io.BytesIO) else str(path)
+            torch.onnx.export(model, (example,), target, dynamo=False, dynamic_axes=axes, **common)
         else:
             shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
             with contextlib.redirect_stdout(open(os.devnull, "w")):  # noqa: SIM115 - progress lines
@@ -125,9 +138,10 @@ def _onnx_export(model: nn.Module, example: Tensor, path: Path, *, opset: int, d
 
 
 def onnxruntime_session(
-    path: str | os.PathLike, *, threads: int | None = None, optimization_level: str = "all", spinning: bool = False,
+    path: str | os.PathLike | bytes, *, threads: int | None = None, optimization_level: str = "all", spinning: bool = False,
 ) -> Any:
-    """An onnxruntime CPU ``InferenceSession`` for ``path`` (``threads`` intra-op threads, default torch's).
+    """An onnxruntime CPU ``InferenceSession`` for ``path`` (or an ONNX file's bytes; ``threads`` intra-op
+    threads, default torch's).
 
     ``spinning``: let the session's idle worker threads busy-wait for the next run (onnxruntime's
     default). Off here: several sessions in one process (a benchmark) would otherwise burn the
@@ -151,7 +165,8 @@ def onnxruntime_session(
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     options.log_severity_level = 3  # errors only
-    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    model = path if isinstance(path, bytes) else str(path)
+    return onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
 def onnxruntime_runner(session: Any, inputs: Tensor) -> Callable[[], Any]:

@@ -77,6 +77,8 @@ from norton.limits import check_repeats
 from norton.plan import PlanOperation, append_record, record_original, register_operation
 
 MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
+# Where the optimized model will run, so where its forms are timed.
+RUNTIMES = ("torch", "onnxruntime")
 # Formats a record can hold: "auto" is resolved before anything is recorded.
 RECORDED_MEMORY_FORMATS = MEMORY_FORMATS[1:]
 
@@ -96,6 +98,7 @@ def optimize_for_inference(
     check: bool = True,
     dtype: torch.dtype | str = torch.float32,
     compile: bool = False,
+    runtime: str = "torch",
 ) -> nn.Module:
     """An eval-mode copy of ``model`` with each CPDBlock in its fastest equivalent form.
 
@@ -124,6 +127,9 @@ def optimize_for_inference(
         compile: choose forms (and the memory format) by timing them under
             ``torch.compile``; the returned model is not compiled: call ``torch.compile``
             on it (it stays an ``nn.Module`` that ``norton.save`` can write).
+        runtime: ``"torch"``, or ``"onnxruntime"`` to choose the forms for a model that will be
+            exported to ONNX and run by onnxruntime on CPU: each form is timed exported, in an
+            onnxruntime session (float32, NCHW; onnxruntime picks its own layout).
 
     On CUDA the timing runs with ``torch.backends.cudnn.benchmark`` on (restored after).
     The choice is appended to ``model.norton_plan`` (see the module docstring);
@@ -132,6 +138,8 @@ def optimize_for_inference(
     precision = dtype_name(dtype)
     if not isinstance(compile, bool):
         raise UserError(f"compile must be True or False, got {compile!r}")
+    if runtime not in RUNTIMES:
+        raise UserError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
     if memory_format not in MEMORY_FORMATS:
         raise UserError(f"memory_format must be one of {', '.join(MEMORY_FORMATS)}, got {memory_format!r}")
     if not isinstance(model, nn.Module):
@@ -139,6 +147,9 @@ def optimize_for_inference(
     check_repeats(warmup, "warmup", minimum=0)
     check_repeats(repeats, "repeats")
     device = torch.device(device) if device is not None else model_device(model)
+    if runtime == "onnxruntime" and (device.type != "cpu" or precision != "float32" or compile):
+        raise UserError("runtime='onnxruntime' chooses forms for onnxruntime's CPU provider: "
+                        "use device='cpu', dtype=torch.float32 and compile=False")
     forms = _inference_forms(forms, device)
     cast = DTYPES[precision]
     inputs = tuple(t.to(device) for t in as_tuple(example_inputs))
@@ -166,8 +177,10 @@ def optimize_for_inference(
 
     # CPDBlocks and layer-level decomposed blocks (Tucker-2, layer-wise CP, SVD: "factored" or "dense")
     blocks = [name for name, m in model.named_modules() if isinstance(m, CPDBlock) or is_layer_block(m)]
-    if memory_format != "auto":
-        formats: tuple[str, ...] = (memory_format,)
+    if runtime == "onnxruntime":  # an ONNX graph is NCHW; onnxruntime chooses its own blocked layout
+        formats: tuple[str, ...] = ("contiguous",)
+    elif memory_format != "auto":
+        formats = (memory_format,)
     else:  # without measuring there is nothing to compare formats by: keep the default layout
         formats = ("contiguous", "channels_last") if measure else ("contiguous",)
     candidates: dict[str, tuple[nn.Module, dict[str, str]]] = {}
@@ -175,7 +188,8 @@ def optimize_for_inference(
         for fmt in formats:
             candidate = model if len(formats) == 1 else copy.deepcopy(model)
             try:
-                chosen = choose_forms(candidate, blocks, inputs, forms, fmt, measure, warmup, repeats, compile=compile)
+                chosen = choose_forms(candidate, blocks, inputs, forms, fmt, measure, warmup, repeats,
+                                      compile=compile, runtime=runtime)
             except RuntimeError:  # e.g. a .view() in the model that channels-last strides do not allow
                 if len(formats) == 1:
                     raise
@@ -201,7 +215,7 @@ def optimize_for_inference(
         "dtype": precision,
         "compile": compile,
         "measured_on": {"device": str(device), "batch_size": int(inputs[0].shape[0]) if inputs[0].dim() else 1,
-                        "measure": bool(measure)},
+                        "measure": bool(measure), "runtime": runtime},
     })
     return model
 
@@ -346,7 +360,8 @@ def describe_optimize_record(record: Mapping[str, Any]) -> str:
     if measured_on.get("measure") is False:
         return line + " (chosen by the MACs rule)"
     if "device" in measured_on:
-        return line + f" (timed on {measured_on['device']} at batch {measured_on.get('batch_size', '?')})"
+        where = " in onnxruntime" if measured_on.get("runtime") == "onnxruntime" else ""
+        return line + f" (timed{where} on {measured_on['device']} at batch {measured_on.get('batch_size', '?')})"
     return line
 
 
