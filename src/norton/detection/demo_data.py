@@ -1,7 +1,7 @@
 """A small COCO-format detection set built from real Fashion-MNIST glyphs, for an offline detection demo.
 
 Each image is a dark noisy canvas (default 128x128 RGB) holding 1-3 Fashion-MNIST glyphs, each
-scaled 1-2x, tinted, and placed without overlapping another's box. Per glyph:
+scaled 1-2x, tinted, drawn opaque, and placed without overlapping another's box. Per glyph:
 
 * class: its Fashion-MNIST class (10 categories, Fashion-MNIST's names, COCO ids 1..10);
 * box: the tight box of its foreground pixels (glyph value > :data:`FOREGROUND`);
@@ -34,6 +34,7 @@ KEYPOINT_NAMES = ("top", "bottom", "left", "right")
 KEYPOINT_FLIP_INDICES = [0, 1, 3, 2]
 SKELETON = [[1, 3], [3, 2], [2, 4], [4, 1]]  # 1-based, as COCO: top-left-bottom-right-top
 FOREGROUND = 40  # a glyph pixel above this (of 255) belongs to the object
+_OPAQUE = 96.0  # a glyph pixel this bright (or brighter) hides the background
 MIN_CANVAS = 64  # a 2x glyph is 56 pixels wide
 _PLACEMENT_TRIES = 30
 _GAP = 2  # pixels between two glyphs' boxes
@@ -94,9 +95,11 @@ def _make_split(images: np.ndarray, labels: np.ndarray, count: int, image_dir: P
                 continue
             boxes.append(box)
             x0, y0, x1, y1 = box
-            alpha = glyph[..., None] / 255.0  # (h, w, 1)
+            # Opaque from _OPAQUE up, so dark garments stand out too; their texture kept in the shade.
+            alpha = np.clip(glyph[..., None] / _OPAQUE, 0.0, 1.0)  # (h, w, 1)
+            shade = 0.45 + 0.55 * glyph[..., None] / max(int(glyph.max()), 1)
             tint = rng.uniform(0.55, 1.0, 3) * 255.0
-            picture[y0:y1, x0:x1] = picture[y0:y1, x0:x1] * (1 - alpha) + alpha * tint
+            picture[y0:y1, x0:x1] = picture[y0:y1, x0:x1] * (1 - alpha) + alpha * shade * tint
             mask = np.zeros((canvas, canvas), dtype=np.uint8)
             mask[y0:y1, x0:x1] = glyph > FOREGROUND
             rle = mask_utils.encode(np.asfortranarray(mask))
