@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from norton.errors import UserError
-from norton.example_inputs import call_model, first_tensor, on_device_of
+from norton.example_inputs import call_model, first_tensor, on_device_of, takes_image_list
 
 if TYPE_CHECKING:  # the block type only: norton.decomposition imports this module
     from norton.decomposition.cpd_block import CPDBlock
@@ -302,15 +302,41 @@ def count_complexity(
         inputs = _example_input(model, shape)
     else:
         raise UserError("count_complexity needs exactly one of input_size or example_inputs")
-    tallies = _count_macs(model, inputs, shape[0] if len(shape) > 1 else 1)
+    tallies = _count_macs(model, inputs, _batch(model, inputs, shape))
     totals = _count_params(model, tallies)
-    if convention == "reference":  # the reference printed min(ptflops, thop), MACs and params separately
-        macs_key = min(("ptflops-modules", "thop"), key=lambda key: totals[key][0])
-        params_key = min(("ptflops-modules", "thop"), key=lambda key: totals[key][1])
-    else:
-        macs_key = params_key = convention
+    macs_key, params_key = _keys(convention, totals)
     layers = _rows(model, tallies[macs_key].macs, tallies[params_key].params) if per_layer else []
     return Complexity(totals[macs_key][0], totals[params_key][1], convention, shape, layers)
+
+
+def count_conventions(model: nn.Module, example_inputs: Any) -> dict[str, tuple[int, int]]:
+    """``{convention: (macs, params)}`` of every convention from ONE hooked forward of ``example_inputs``.
+
+    For sums over parts (a detector counted part by part): ``"reference"``'s minimum must be
+    taken over the *totals* of ``ptflops-modules`` and ``thop``, so the parts keep them apart.
+    """
+    inputs = on_device_of(example_inputs, model)
+    shape = tuple(first_tensor(inputs).shape)
+    totals = _count_params(model, _count_macs(model, inputs, _batch(model, inputs, shape)))
+    macs_key, params_key = _keys("reference", totals)
+    return {**totals, "reference": (totals[macs_key][0], totals[params_key][1])}
+
+
+def _keys(convention: str, totals: dict[str, tuple[int, int]]) -> tuple[str, str]:
+    """The rule sets the MACs and the params of ``convention`` come from."""
+    if convention != "reference":
+        return convention, convention
+    # the reference printed min(ptflops, thop), MACs and params separately
+    macs_key = min(("ptflops-modules", "thop"), key=lambda key: totals[key][0])
+    params_key = min(("ptflops-modules", "thop"), key=lambda key: totals[key][1])
+    return macs_key, params_key
+
+
+def _batch(model: nn.Module, inputs: Any, shape: tuple[int, ...]) -> int:
+    """Samples in the example: a detector's list holds one image per sample (each ``(3, H, W)``)."""
+    if isinstance(inputs, list) and takes_image_list(model):
+        return max(len(inputs), 1)
+    return shape[0] if len(shape) > 1 else 1
 
 
 def _count_macs(model: nn.Module, inputs: Any, batch: int) -> dict[str, _Tally]:
