@@ -101,12 +101,12 @@ def _run_detector(args: argparse.Namespace, rates: list[float] | None, rank: int
     body = create_model(DETECTOR_BODY, compress_rate=rates, rank=rank) if compressed else None
     side = args.input_size or INPUT_SIZES[DETECTION_DATASET]
     # the transform resizes to min_size: an S x S image is counted at S x S, as 800 x 800 is by default
-    sizes = {"min_size": side, "max_size": max(side, DEFAULT_MAX_SIZE)}
-    model = create_model(args.arch, backbone=body, **sizes)
+    min_size, max_size = side, max(side, DEFAULT_MAX_SIZE)
+    model = create_model(args.arch, backbone=body, min_size=min_size, max_size=max_size)
     options = {"protocol": args.protocol, "proposals": args.proposals, "detections": args.detections,
                "convention": args.convention}
     counted = detector_complexity(model, side, **options)
-    baseline = detector_complexity(create_model(args.arch, **sizes), side, **options) if compressed else counted
+    baseline = detector_complexity(create_model(args.arch, min_size=min_size, max_size=max_size), side, **options) if compressed else counted
     report: dict[str, Any] = {
         "arch": args.arch, "rank": args.rank, "compress_rate": rates, "input_size": [1, 3, side, side],
         "image_size": list(counted.image_size), "protocol": counted.protocol, "proposals": counted.proposals,
