@@ -9,7 +9,7 @@ runs the whole model fastest. What it chose is appended to ``model.norton_plan``
     {"op": "optimize", "forms": {layer: form}, "fold_bn": [[producer, batchnorm], ...],
      "memory_format": "contiguous" | "channels_last",
      "dtype": "float32" | "bfloat16" | "float16", "compile": bool,
-     "measured_on": {"device": ..., "batch_size": ..., "measure": ...}}
+     "measured_on": {"device": ..., "batch_size": ..., "measure": ...[, "runtime": "onnxruntime"]}}
 
 (records written before ``dtype`` and ``compile`` existed replay as float32, eager.)
 
@@ -215,7 +215,7 @@ def optimize_for_inference(
         "dtype": precision,
         "compile": compile,
         "measured_on": {"device": str(device), "batch_size": int(inputs[0].shape[0]) if inputs[0].dim() else 1,
-                        "measure": bool(measure), "runtime": runtime},
+                        "measure": bool(measure), **({"runtime": runtime} if runtime != "torch" else {})},
     })
     return model
 
