@@ -37,6 +37,7 @@ _EXPORTS = {
     "format_compress_rate": "norton.compress_rate",
     "count_complexity": "norton.complexity",
     "Complexity": "norton.complexity",
+    "detector_complexity": "norton.detection.complexity",
     "prune": "norton.pruning.engine",
     "plan_prune": "norton.pruning.engine",
     "coupled_groups": "norton.pruning.engine",
