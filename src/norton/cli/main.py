@@ -15,7 +15,8 @@ import sys
 from norton.errors import UserError
 
 # Order is the order of ``norton --help``.
-COMMANDS = ("demo", "train", "decompose", "prune", "compress", "evaluate", "complexity", "info", "export", "benchmark")
+COMMANDS = ("demo", "train", "decompose", "prune", "compress", "evaluate", "complexity", "info", "export", "benchmark",
+            "detect")
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
@@ -49,7 +48,7 @@ from norton.training.checkpoint import (
     rng_state,
     set_rng_state,
 )
-from norton.training.distributed import epoch_seed, rank_and_world, resolve_device, seed_everything
+from norton.training.distributed import broadcast_buffers, epoch_seed, rank_and_world, resolve_device, seed_everything
 
 # The reference's defaults (torchvision references/detection/train.py).
 REFERENCE_LR = 0.02  # for REFERENCE_BATCH images per step
@@ -260,8 +259,9 @@ def train_detector(
             uninterrupted one.
         args: plain data stored in the checkpoints (the command line).
 
-    Under ``torchrun`` (after :func:`norton.training.distributed.init_distributed`) the model is
-    wrapped in DDP, rank 0 validates on the whole ``val_loader`` and writes the checkpoints.
+    Under ``torchrun`` (after :func:`norton.training.distributed.init_distributed`, with loaders from
+    :func:`norton.detection.coco.detection_loader`, which shard by rank) the model is wrapped in DDP,
+    every rank validates its shard and rank 0 writes the checkpoints.
     ``model`` is left holding the best epoch's weights, on ``device``.
     """
     epochs, steps = check_train_arguments(epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay,
@@ -326,7 +326,7 @@ def train_detector(
         _set_epoch(train_loader, epoch)
         train = train_one_epoch_detector(train_model, train_loader, optimizer, scheduler, device=device,
                                          scaler=scaler, progress=progress, desc=f"epoch {epoch}/{epochs}", lr_hint=lr)
-        val = _validate(model_without_ddp, val_loader, progress=progress, rank=rank, world=world)
+        val = _validate(model_without_ddp, val_loader, progress=progress)
         val_ap = None if val is None else primary_ap(val)
         improved = val_ap is None or best["val_ap"] is None or val_ap > best["val_ap"]
         if improved:
@@ -347,19 +347,15 @@ def train_detector(
     return history
 
 
-def _validate(model: nn.Module, loader: DataLoader | None, *, progress: bool, rank: int, world: int
-              ) -> dict[str, dict[str, float]] | None:
-    """COCO metrics of ``model`` on ``loader`` (rank 0 evaluates it whole; the others wait)."""
+def _validate(model: nn.Module, loader: DataLoader | None, *, progress: bool) -> dict[str, dict[str, float]] | None:
+    """COCO metrics of ``model`` on ``loader``: under torchrun every rank scores its shard (rank 0's
+    BatchNorm statistics, the saved ones) and ``evaluate_detector`` gathers the results."""
     if loader is None:
         return None
-    metrics = None
-    if rank == 0:
-        from norton.detection.evaluate import evaluate_detector
+    from norton.detection.evaluate import evaluate_detector
 
-        metrics = evaluate_detector(model, loader, progress=progress)
-    if world > 1:
-        dist.barrier()
-    return metrics
+    broadcast_buffers(model)
+    return evaluate_detector(model, loader, progress=_show_bar(progress))
 
 
 def _save_epoch(folder: Path, model: nn.Module, record: dict[str, Any], *, improved: bool, best: dict[str, Any],
