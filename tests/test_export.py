@@ -211,7 +211,9 @@ def test_optimize_for_onnxruntime_times_forms_in_onnxruntime(monkeypatch):
     model = _model()
     x = torch.randn(2, 3, 8, 8)
     fast = optimize_for_inference(model, x, runtime="onnxruntime", repeats=2)
-    assert len(sessions) == 4 and all(isinstance(s, bytes) for s in sessions)  # one CPDBlock, four forms
+    # one CPDBlock in four forms, then the whole model as chosen against the whole model all dense
+    assert len(sessions) == 6 and all(isinstance(s, bytes) for s in sessions)
+    assert len(sessions[4]) > len(sessions[0]) and len(sessions[5]) > len(sessions[0])
     record = fast.norton_plan[-1]
     assert record["measured_on"]["runtime"] == "onnxruntime" and record["memory_format"] == "contiguous"
     with torch.no_grad():

@@ -176,11 +176,18 @@ def _preference(form: str) -> int:
 
 def fastest_model(
     candidates: Mapping[str, nn.Module], inputs: tuple[Tensor, ...], device: torch.device,
-    *, compile: bool = False,
+    *, compile: bool = False, runtime: str = "torch",
 ) -> str:
-    """The key of the fastest whole model (e.g. one per memory format), timed interleaved (compiled if asked)."""
-    runners = {}
+    """The key of the fastest whole model (e.g. one per memory format), timed interleaved (compiled if asked,
+    or exported and run in onnxruntime with ``runtime="onnxruntime"``)."""
+    runners: dict[str, Callable[[], Any]] = {}
     for key, module in candidates.items():
+        if runtime == "onnxruntime":
+            from norton.deploy.export import onnx_bytes, onnxruntime_runner, onnxruntime_session
+
+            runners[key] = onnxruntime_runner(onnxruntime_session(onnx_bytes(module, inputs[0])), inputs[0])
+            continue
+
         def run(candidate: nn.Module = compiled(module, compile)) -> Any:  # noqa: B008 - bound once per candidate
             with torch.no_grad():
                 return candidate(*inputs)

@@ -183,6 +183,10 @@ def optimize_for_inference(
         formats = (memory_format,)
     else:  # without measuring there is nothing to compare formats by: keep the default layout
         formats = ("contiguous", "channels_last") if measure else ("contiguous",)
+    # onnxruntime fuses and re-lays-out the whole graph (Conv+ReLU, NCHWc blocks), which a layer timed
+    # alone does not show: the per-layer choice must also beat every layer dense, timed whole
+    all_dense = copy.deepcopy(model) if runtime == "onnxruntime" and measure and "dense" in forms \
+        and len(forms) > 1 else None
     candidates: dict[str, tuple[nn.Module, dict[str, str]]] = {}
     with _cudnn_benchmark(device):
         for fmt in formats:
@@ -203,6 +207,10 @@ def optimize_for_inference(
             fmt = fastest_model({key: module for key, (module, _) in candidates.items()}, inputs, device,
                                 compile=compile)
     model, chosen = candidates[fmt]
+    if all_dense is not None:
+        dense_forms = choose_forms(all_dense, blocks, inputs, ("dense",), fmt, False, warmup, repeats)
+        if fastest_model({"chosen": model, "dense": all_dense}, inputs, device, runtime=runtime) == "dense":
+            model, chosen = all_dense, dense_forms
 
     if reference is not None:
         setting = f"{precision}{' (TF32)' * (device_tf32 and precision == 'float32')} on {device.type}"
