@@ -18,7 +18,7 @@ from norton.detection.train import (
 from norton.errors import UserError
 
 
-def tiny_detector() -> nn.Module:
+def tiny_detector(num_classes: int = 3, size: int = 32) -> nn.Module:
     """A Faster R-CNN on a 2-conv backbone (8 channels, stride 4), 32-px images: trains in milliseconds."""
     from torchvision.models.detection import FasterRCNN
     from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -29,7 +29,7 @@ def tiny_detector() -> nn.Module:
                              nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU())
     backbone.out_channels = 8
     return FasterRCNN(
-        backbone, num_classes=3, min_size=32, max_size=32,
+        backbone, num_classes=num_classes, min_size=size, max_size=size,
         rpn_anchor_generator=AnchorGenerator(((8, 16),), ((1.0,),)),
         box_roi_pool=MultiScaleRoIAlign(["0"], output_size=3, sampling_ratio=1),
         representation_size=16, rpn_pre_nms_top_n_train=50, rpn_post_nms_top_n_train=20,
@@ -198,3 +198,39 @@ def test_default_lr_follows_the_batch_size():
     history = train_detector(tiny_detector(), loader(tiny_set(4), batch_size=2), epochs=1, warmup_iters=0,
                              device="cpu", progress=False, verbose=False)
     assert history[0]["lr"] == pytest.approx(0.02 * 2 / 16)
+
+
+def test_best_epoch_is_chosen_on_validation_ap(tmp_path, monkeypatch):
+    import norton.detection.evaluate as evaluate
+
+    aps = iter([10.0, 30.0, 20.0])
+    states = []
+
+    def fake_evaluate(model, loader, *, progress=True):
+        states.append({k: v.clone() for k, v in model.state_dict().items()})
+        return {"bbox": {"AP": next(aps)}}
+
+    monkeypatch.setattr(evaluate, "evaluate_detector", fake_evaluate)
+    model = tiny_detector()
+    history = train_detector(model, loader(tiny_set()), loader(tiny_set(4), shuffle=False), epochs=3, lr=0.01,
+                             device="cpu", progress=False, verbose=False, checkpoint_dir=tmp_path)
+    assert [r["val_ap"] for r in history] == [10.0, 30.0, 20.0]
+    assert [r["best_epoch"] for r in history] == [1, 2, 2]
+    for key, value in model.state_dict().items():  # the model is left with epoch 2's weights
+        assert torch.equal(value, states[1][key]), key
+    best = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert best["epoch"] == 2 and best["best"] == {"epoch": 2, "val_ap": 30.0}
+
+
+def test_validation_with_coco_evaluation(tmp_path):
+    from norton.detection.coco import coco_datasets, detection_loader
+    from norton.detection.demo_data import make_demo_data
+
+    make_demo_data(tmp_path, train_images=4, val_images=2, canvas=64)
+    train_set, val_set = coco_datasets(tmp_path, kind="boxes")
+    history = train_detector(tiny_detector(train_set.num_classes, 64),
+                             detection_loader(train_set, batch_size=2, train=True),
+                             detection_loader(val_set, batch_size=2, train=False), epochs=1, lr=0.01,
+                             device="cpu", progress=False, verbose=False)
+    assert set(history[0]["val"]["bbox"]) >= {"AP", "AP50", "AP75", "AR100"}
+    assert history[0]["val_ap"] == history[0]["val"]["bbox"]["AP"]

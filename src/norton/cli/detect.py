@@ -148,6 +148,10 @@ def run_train(args: argparse.Namespace) -> int:
     check_output_dir(out, resume=args.resume)
     if args.backbone is not None and not Path(args.backbone).expanduser().is_file():
         raise UserError(f"--backbone {args.backbone} not found: check the path")
+    from norton.training.distributed import resolve_device
+
+    if args.amp and resolve_device(args.device).type != "cuda":
+        raise UserError("--amp (float16 mixed precision) needs a CUDA device: drop --amp on the CPU")
 
     from norton.detection.coco import coco_datasets, detection_loader
     from norton.detection.models import create_detector
