@@ -40,3 +40,30 @@ def test_protected_groups_keep_their_width_and_impossible_budgets_are_refused():
     assert result.keep.tolist() == [4, 8]
     with pytest.raises(UserError, match="cannot be met"):
         allocate(macs, [_curve("a", 1.0), protected], [], goal=500.0)
+
+
+class _WideWidths(_Widths):
+    """Two independent layers of 100 MACs per channel, each its own group of 64 channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.out0 = torch.tensor([64.0, 64.0], dtype=torch.float64)
+        self.channels = torch.tensor([64.0, 64.0], dtype=torch.float64)
+
+
+def test_round_to_gives_channels_back_in_multiples():
+    macs = ChoiceMacs(_WideWidths(), {}, ["a", "b"])  # type: ignore[arg-type]
+    curves = [Curve("prune", n, [64, 48, 32, 16, 8], [0.0, s, 2 * s, 4 * s, 8 * s]) for n, s in (("a", 1.0), ("b", 3.0))]
+    for goal in (7000.0, 9100.0, 5300.0):
+        result = allocate(macs, curves, [], goal=goal, round_to=8)
+        assert all(k % 8 == 0 for k in result.keep.tolist()), result.keep
+        assert result.macs <= goal * 1.01
+        plain = allocate(macs, curves, [], goal=goal)
+        assert plain.macs >= result.macs - 1e-9  # single channels fill the budget at least as closely
+
+
+def test_a_latency_budget_that_cannot_be_met_says_latency():
+    macs = ChoiceMacs(_Widths(), {}, ["a", "b"])  # type: ignore[arg-type]
+    protected = Curve("prune", "b", [8], [0.0])
+    with pytest.raises(UserError, match="latency budget cannot be met.*target_latency"):
+        allocate(macs, [_curve("a", 1.0), protected], [], goal=500.0, budget="latency")

@@ -106,3 +106,21 @@ def test_the_plan_round_trips_through_save_and_load(tmp_path):
     probe = torch.randn(4, 3, 16, 16)
     with torch.no_grad():
         assert torch.equal(loaded(probe), compressed(probe))
+
+
+@pytest.mark.parametrize(("channels", "round_to", "expected"), [
+    (64, 8, [48 / 64, 32 / 64, 16 / 64, 8 / 64]),
+    (100, 8, [72 / 100, 48 / 100, 24 / 100, 16 / 100]),
+    (16, 8, [8 / 16]),
+    (8, 8, [0.75, 0.5, 0.25, 0.125]),  # no narrower multiple: the plain fractions
+    (64, None, [0.75, 0.5, 0.25, 0.125]),
+])
+def test_group_fractions_keep_multiples_of_round_to(channels, round_to, expected):
+    from norton.auto.compress import FRACTIONS, _group_fractions
+    from norton.auto.sensitivity import prune_unit
+
+    fractions = _group_fractions(channels, FRACTIONS, round_to)
+    assert fractions == pytest.approx(expected)
+    levels = prune_unit("x", torch.arange(channels), [], fractions).levels  # the widths the curves measure
+    assert levels[0] == channels and (round_to is None or channels <= round_to
+                                      or all(w % round_to == 0 for w in levels[1:]))

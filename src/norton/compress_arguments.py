@@ -1,13 +1,16 @@
 """The arguments of a compression run, checked without importing torch.
 
 :func:`norton.pipeline.compress` and :func:`norton.workflow.run_compression` take an
-order, an amount of pruning (``compress_rate``, ``ratio`` or ``target_macs``), a rank and a
+order, an amount of pruning (``compress_rate``, ``ratio``, ``target_macs`` or, for
+``auto_compress``, ``target_latency``), a rank and a
 :class:`FineTune` recipe per stage. Everything about them that needs no model is checked
 here, by :mod:`norton.limits`, so a typo on the command line is refused in a fraction of
 a second, before torch is even imported, and leaves nothing behind.
 """
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,6 +31,35 @@ from norton.training.recipes import DISTILL_ALPHA, DISTILL_TEMPERATURE, check_re
 ORDERS = ("decompose-prune", "prune-decompose", "auto")
 AUTO_CRITERION = "l1"  # auto_compress's default criterion, and the compression runs' with order "auto"
 PAPER_CRITERION = "pabs"
+
+
+_MILLISECONDS = re.compile(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*ms\s*")
+
+
+def parse_target_latency(value: Any) -> tuple[str, float]:
+    """A latency budget: ``("fraction", f)`` for a number in (0, 1) (of the input model's latency),
+    ``("ms", t)`` for milliseconds written with their unit (``"12ms"``, ``"12.5 ms"``).
+
+    A bare number of 1 or more is refused: it would be ambiguous (a fraction cannot exceed 1,
+    and a number of milliseconds must say so).
+    """
+    if isinstance(value, str):
+        match = _MILLISECONDS.fullmatch(value)
+        if match is None:
+            try:
+                value = float(value)
+            except ValueError:
+                raise UserError(f"target_latency must be a fraction in (0, 1) or milliseconds such as '12ms', "
+                                f"got {value!r}") from None
+        else:
+            ms = float(match.group(1))
+            if not (math.isfinite(ms) and ms > 0):
+                raise UserError(f"target_latency in milliseconds must be positive, got {value!r}")
+            return "ms", ms
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise UserError(f"target_latency is a fraction of the model's latency in (0, 1), or milliseconds with "
+                        f"their unit such as '12ms'; got {value!r}")
+    return "fraction", float(value)
 
 
 @dataclass
@@ -70,10 +102,15 @@ class FineTune:
         return self
 
 
-def resolve_order(order: str | None, *, rank: Any, compress_rate: Any, ratio: Any, target_macs: Any) -> str:
-    """The order a run takes when none is given: ``"auto"`` for a MACs budget with no rank, else NORTON's."""
+def resolve_order(
+    order: str | None, *, rank: Any, compress_rate: Any, ratio: Any, target_macs: Any, target_latency: Any = None,
+) -> str:
+    """The order a run takes when none is given: ``"auto"`` for a MACs budget with no rank or any latency
+    budget, else NORTON's."""
     if order is not None:
         return order
+    if target_latency is not None:
+        return "auto"
     if target_macs is not None and rank is None and compress_rate is None and ratio is None:
         return "auto"
     return "decompose-prune"
@@ -97,29 +134,37 @@ def check_compress_arguments(
     order: str,
     decompose_finetune: FineTune | None,
     prune_finetune: FineTune | None,
+    target_latency: float | str | None = None,
 ) -> dict[str, Any]:
     """Check every argument of :func:`compress` that needs no model; returns the pruning amount.
 
     The amount is ``{}`` (no pruning) or one of ``{"compress_rate": [...]}``,
-    ``{"ratio": ...}``, ``{"target_macs": ...}``, parsed and bounded by :mod:`norton.limits`.
+    ``{"ratio": ...}``, ``{"target_macs": ...}``, ``{"target_latency": ("fraction" | "ms", x)}``,
+    parsed and bounded by :mod:`norton.limits` (the latency by :func:`parse_target_latency`).
     """
     from norton.compress_rate import parse_compress_rate
 
     if order not in ORDERS:
         raise UserError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
+    given = {k: v for k, v in (("compress_rate", compress_rate), ("ratio", ratio), ("target_macs", target_macs),
+                               ("target_latency", target_latency)) if v is not None}
+    if len(given) > 1:
+        raise UserError("say how much to prune in one way: compress_rate, ratio, target_macs or target_latency "
+                        f"(got {', '.join(given)})")
     if order == "auto":
-        if target_macs is None or rank is not None or compress_rate is not None or ratio is not None:
+        if (target_macs is None and target_latency is None) or rank is not None or compress_rate is not None \
+                or ratio is not None:
             raise UserError(
-                "order 'auto' chooses every layer's width and rank itself: give target_macs only "
-                "(no rank, ratio or compress_rate)"
+                "order 'auto' chooses every layer's width and rank itself: give target_macs or target_latency "
+                "only (no rank, ratio or compress_rate)"
             )
         if round_to is not None:
             raise UserError("order 'auto' does not take round_to yet: leave it out, or give a rank to use NORTON's path")
-    given = {k: v for k, v in (("compress_rate", compress_rate), ("ratio", ratio), ("target_macs", target_macs))
-             if v is not None}
-    if len(given) > 1:
-        raise UserError(f"say how much to prune in one way: compress_rate, ratio or target_macs (got {', '.join(given)})")
+    elif target_latency is not None:
+        raise UserError("target_latency is met by auto_compress only: use order 'auto' (the default without a rank)")
     amounts: dict[str, Any] = {}
+    if target_latency is not None:
+        amounts["target_latency"] = parse_target_latency(target_latency)
     if compress_rate is not None:
         amounts["compress_rate"] = parse_compress_rate(compress_rate)
     if ratio is not None:

@@ -1,4 +1,4 @@
-"""Choose every group's width and every layer's decomposition so the model meets a MACs budget.
+"""Choose every group's width and every layer's decomposition so the model meets a MACs or latency budget.
 
 The problem is a multiple-choice knapsack: each unit (a coupled group of channels, or
 a decomposable layer) has a few levels, each with a measured output change (its
@@ -9,7 +9,8 @@ from the uncompressed model, repeatedly take the move (any unit to any cheaper l
 that adds the least output change per MAC removed, until the budget is met; then
 give channels back one at a time, cheapest change first, while the budget still
 holds, so the result lands within the tolerance (AIMET's greedy compression-ratio
-selection works the same way on per-layer curves).
+selection works the same way on per-layer curves). The cost can be the MACs or the
+predicted latency (:class:`~norton.auto.latency.ChoiceLatency`): the search is the same.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from norton.auto.costs import ChoiceMacs
+from norton.auto.costs import ChoiceCost
 from norton.auto.sensitivity import Curve
 from norton.errors import UserError
 
@@ -49,15 +50,17 @@ def _interpolate(curve: Curve, width: Tensor) -> Tensor:
 
 
 def allocate(
-    macs: ChoiceMacs, prune_curves: Sequence[Curve], decompose_curves: Sequence[Curve], goal: float,
-    *, tolerance: float = 0.02,
+    macs: ChoiceCost, prune_curves: Sequence[Curve], decompose_curves: Sequence[Curve], goal: float,
+    *, tolerance: float = 0.02, round_to: int | None = None, budget: str = "MACs",
 ) -> Allocation:
-    """The greedy allocation meeting ``goal`` MACs (within ``tolerance``, relative).
+    """The greedy allocation meeting ``goal`` (within ``tolerance``, relative); ``Allocation.macs`` is its cost.
 
     Args:
-        macs: the MAC model; group ``g`` of ``macs.widths`` is ``prune_curves[g]`` (a
-            protected group has a curve with one level), layer ``d`` is ``decompose_curves[d]``.
-        goal: MACs to reach (absolute).
+        macs: the cost model (MACs or milliseconds); group ``g`` of its widths is ``prune_curves[g]``
+            (a protected group has a curve with one level), layer ``d`` is ``decompose_curves[d]``.
+        goal: the cost to reach (absolute).
+        round_to: channels are given back in multiples of this (the curves' levels must be multiples too).
+        budget: what the cost is, for the message when the goal cannot be met ("MACs", "latency").
     """
     groups, layers = len(prune_curves), len(decompose_curves)
     keep = torch.tensor([c.levels[0] for c in prune_curves], dtype=torch.float64)  # (G,)
@@ -106,24 +109,27 @@ def allocate(
 
     if current > goal * (1 + tolerance):
         raise UserError(
-            f"the MACs budget cannot be met: compressing every layer as far as norton tries still leaves "
-            f"{current:,.0f} MACs for a goal of {goal:,.0f}; ask for a larger target_macs"
+            f"the {budget} budget cannot be met: compressing every layer as far as norton tries still leaves "
+            f"{current:,.4g} {'MACs' if budget == 'MACs' else 'ms'} for a goal of {goal:,.4g}; "
+            f"ask for a larger target_{'macs' if budget == 'MACs' else budget}"
         )
-    keep = _give_back(macs, prune_curves, keep, choice, goal, tolerance)
+    keep = _give_back(macs, prune_curves, keep, choice, goal, tolerance, round_to or 1)
     return Allocation(keep.long(), choice, float(macs(keep[None], choice[None])[0]), cost_of(keep, choice))
 
 
 def _give_back(
-    macs: ChoiceMacs, curves: Sequence[Curve], keep: Tensor, choice: Tensor, goal: float, tolerance: float,
+    macs: ChoiceCost, curves: Sequence[Curve], keep: Tensor, choice: Tensor, goal: float, tolerance: float,
+    round_to: int,
 ) -> Tensor:
-    """Add channels back, best output change saved per MAC first, while MACs stay under ``goal``."""
+    """Add channels back (``round_to`` at a time), best output change saved per unit of cost first, while
+    the cost stays under ``goal``."""
     full = torch.tensor([c.levels[0] for c in curves], dtype=torch.float64)  # (G,)
     current = float(macs(keep[None], choice[None])[0])
     eye = torch.eye(len(curves), dtype=torch.float64)
     for _ in range(int((full - keep).sum())):
         if current >= goal * (1 - tolerance / 4):
             break
-        step = torch.clamp(torch.ceil(full / 32), min=1)  # (G,): about 3% of a group per move
+        step = round_to * torch.clamp(torch.ceil(full / 32 / round_to), min=1)  # (G,): about 3% of a group per move
         trials = (keep + eye * step[:, None]).minimum(full)  # (G, G): row g widens group g
         added = macs(trials, choice.expand(len(curves), -1)) - current  # (G,)
         before = torch.stack([_interpolate(c, keep[g:g + 1])[0] for g, c in enumerate(curves)])

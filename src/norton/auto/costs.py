@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +25,14 @@ from norton.decomposition.cpd_block import conv_padding
 from norton.pruning.budget import MacModel
 
 Coefficients = tuple[float, float, float, float]  # (a, b, c, d) of a*out*in + b*out + c*in + d
+
+
+class ChoiceCost(Protocol):
+    """A cost of candidate choices (:class:`ChoiceMacs`, or :class:`norton.auto.latency.ChoiceLatency`)."""
+
+    def __call__(self, keep: Tensor, choice: Tensor) -> Tensor:
+        """The cost of ``keep (M, G)`` kept widths and ``choice (M, D)`` option indices -> ``(M,)``."""
+        ...
 
 
 @dataclass(frozen=True)
