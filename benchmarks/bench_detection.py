@@ -69,7 +69,8 @@ def build(args: argparse.Namespace, device: torch.device) -> tuple[nn.Module, nn
         from norton.deploy.optimize import optimize_for_inference
 
         example = torch.rand(1, 3, args.size, args.size, device=device)
-        dense, body = (optimize_for_inference(copy.deepcopy(m).to(device), example, device=device)
+        # measure=False: forms chosen by the MACs rule (per-layer timing takes minutes on a loaded CPU)
+        dense, body = (optimize_for_inference(copy.deepcopy(m).to(device), example, device=device, measure=False)
                        for m in (dense, body))
     options = {"min_size": args.size, "max_size": args.size, "rpn_nms_thresh": 1.0,
                "rpn_post_nms_top_n_test": args.proposals}
@@ -102,7 +103,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     for batch in args.batch_sizes:
         images = [torch.rand(3, args.size, args.size, generator=generator).to(device) for _ in range(batch)]
         with torch.no_grad():
-            calls = {"baseline": lambda batch=images: baseline(batch), "compressed": lambda batch=images: compressed(batch)}
+            calls = {"baseline": lambda inputs=images: baseline(inputs), "compressed": lambda inputs=images: compressed(inputs)}
             stats = compare_callables(calls, warmup=args.warmup, repeats=args.repeats, device=device)
         base_ms, comp_ms = stats["baseline"].median_ms, stats["compressed"].median_ms
         speedup = base_ms / comp_ms
