@@ -21,6 +21,7 @@ from norton.errors import UserError
 from norton.limits import check_image_side, check_int, check_loader_options
 
 KINDS = {"fasterrcnn": "boxes", "maskrcnn": "masks", "keypointrcnn": "keypoints"}
+DEMO_SETTINGS = ("train_images", "baseline_epochs", "finetune_epochs", "batch_size", "baseline_lr", "finetune_lr")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -302,6 +303,14 @@ def _register_demo(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--parts", nargs="+", default=None, choices=("body", "fpn", "rpn", "box_head"),
                         help="detector parts to compress (default: body): body/fpn/rpn CP-decomposed, box_head "
                              "by a rank-64 SVD; the body is also pruned")
+    group = parser.add_argument_group("settings", "defaults: docs/detection.md (a folder keeps the settings it was "
+                                                  "started with)")
+    group.add_argument("--train-images", dest="train_images", type=int, default=None, help="default 400")
+    group.add_argument("--baseline-epochs", dest="baseline_epochs", type=int, default=None, help="default 3")
+    group.add_argument("--finetune-epochs", dest="finetune_epochs", type=int, default=None, help="default 1")
+    group.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=None, help="default 8")
+    group.add_argument("--lr", dest="baseline_lr", type=float, default=None, help="baseline lr (default 0.02)")
+    group.add_argument("--finetune-lr", dest="finetune_lr", type=float, default=None, help="default 0.01")
     parser.add_argument("--fashion-mnist", dest="fashion_mnist", default=None, metavar="DIR",
                         help="Fashion-MNIST idx files (default /usr/share/datasets/fashion-mnist)")
     _add_device(parser)
@@ -316,6 +325,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
     summary = run_detection_demo(args.out, quick=args.quick, device=args.device, progress=args.progress,
                                  fashion_mnist_dir=args.fashion_mnist, parts=args.parts,
+                                 overrides={key: getattr(args, key) for key in DEMO_SETTINGS},
                                  log=(lambda message: None) if args.json else _say)
     print(json_text(summary, indent=2, default=str) if args.json else format_summary(summary))
     return 0

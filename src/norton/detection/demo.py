@@ -61,12 +61,13 @@ class DemoSettings:
         "rpn_post_nms_top_n_test": 100, "box_batch_size_per_image": 64, "box_detections_per_img": 20})
 
 
-FULL = DemoSettings(train_images=500, val_images=100, canvas=128, batch_size=8, baseline_epochs=3, baseline_lr=0.02,
+FULL = DemoSettings(train_images=400, val_images=100, canvas=128, batch_size=8, baseline_epochs=3, baseline_lr=0.02,
                     finetune_epochs=1, finetune_lr=0.01, warmup_iters=50, rank=2, prune_ratio=0.5, frames=12)
 QUICK = DemoSettings(train_images=8, val_images=4, canvas=64, batch_size=4, baseline_epochs=1, baseline_lr=0.01,
                      finetune_epochs=1, finetune_lr=0.005, warmup_iters=1, rank=2, prune_ratio=0.5, frames=2,
                      cp_iterations=5)
 COMPRESSIBLE_PARTS = ("body", "fpn", "rpn", "box_head")
+FPS_IMAGES = 4  # FPS: median of 3 timed passes over this many validation images, batch 1
 STAGES = ("baseline", "compressed")
 
 
@@ -78,13 +79,15 @@ def run_detection_demo(
     progress: bool = True,
     fashion_mnist_dir: str | os.PathLike | None = None,
     parts: Sequence[str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
     log: Log | None = print,
 ) -> dict[str, Any]:
     """Run (or finish) the demo in ``out_dir``; returns the summary written to ``summary.json``.
 
     ``parts``: the detector parts to compress (default ``("body",)``, the paper's choice): ``body``,
     ``fpn`` and ``rpn`` are CP-decomposed at the same rank, ``box_head`` (fc6, fc7) gets a rank-64 SVD;
-    only the body is pruned.
+    only the body is pruned. ``overrides``: other :class:`DemoSettings` fields (``baseline_epochs=6``, ...);
+    ``None`` values are ignored.
     """
     started = time.perf_counter()
     say: Log = log or (lambda message: None)
@@ -93,6 +96,7 @@ def run_detection_demo(
         if isinstance(parts, str) or not parts or any(part not in COMPRESSIBLE_PARTS for part in parts):
             raise UserError(f"parts must be some of {', '.join(COMPRESSIBLE_PARTS)}, got {parts!r}")
         settings = dataclasses.replace(settings, parts=tuple(dict.fromkeys(parts)))
+    settings = _override(settings, overrides or {})
     out = Path(out_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file: give a folder for the demo")
@@ -127,6 +131,22 @@ def run_detection_demo(
                "seconds": time.perf_counter() - started}
     write_json(summary, out / "summary.json")
     return summary
+
+
+def _override(settings: DemoSettings, overrides: Mapping[str, Any]) -> DemoSettings:
+    """``settings`` with ``overrides`` (checked: whole numbers >= 1, a positive finite lr)."""
+    from norton.limits import check_int, check_learning_rate
+
+    known = {f.name for f in dataclasses.fields(DemoSettings)}
+    changes = {key: value for key, value in overrides.items() if value is not None}
+    for key, value in changes.items():
+        if key not in known:
+            raise UserError(f"the demo has no setting {key!r}; settings: {', '.join(sorted(known))}")
+        if key.endswith("_lr"):
+            check_learning_rate(value, key)
+        elif key in ("train_images", "val_images", "batch_size", "baseline_epochs", "finetune_epochs", "frames"):
+            check_int(value, key, maximum=1_000_000)
+    return dataclasses.replace(settings, **changes)
 
 
 def _check_settings(out: Path, settings: DemoSettings) -> None:
@@ -248,7 +268,7 @@ def _results(out: Path, models: Mapping[str, Any], val_loader: Any, images: list
         say(f"evaluating the {name} detector (AP on {len(val_loader.dataset)} images, FPS on {device}) ...")
         metrics = evaluate_detector(model, val_loader, progress=False)
         complexity = detector_complexity(model, settings.canvas)
-        fps = measure_fps(model, [image.to(device) for image in images])
+        fps = measure_fps(model, [image.to(device) for image in images[:FPS_IMAGES]], warmup=1, repeats=3)
         results[name] = {"metrics": metrics, "macs": complexity.macs, "params": complexity.params,
                          "fps": fps, "device": str(device)}
         write_json(results, path)
