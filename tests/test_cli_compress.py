@@ -257,6 +257,7 @@ def test_demo_with_an_incomplete_data_dir_names_the_missing_file(tmp_path, capsy
     [
         ["prune", "--ckpt", "m.pt", "--ratio", "0.5", "--lr", "nan"],
         ["compress", "--arch", "resnet_20", "--ratio", "1.5"],
+        ["compress", "--arch", "resnet_20", "--target-latency", "12"],
         ["compress", "--arch", "resnet_20", "-r", "2", "--distill", "--distill-alpha", "2"],
         ["decompose", "--ckpt", "m.pt", "-r", "1000000"],
         ["prune", "--ckpt", "missing.pt", "--ratio", "0.5"],
@@ -296,3 +297,47 @@ def test_distillation_options_reach_every_fine_tuning_command(command, monkeypat
         main([*argv, "--distill", "--distill-temperature", "3"])
     recipes = [value for key, value in seen.items() if key.endswith("_finetune") and value is not None]
     assert recipes and all(r.distill and r.distill_temperature == 3 for r in recipes)
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("2", "target_latency is a fraction of the model's latency in (0, 1)"),
+    ("12", "target_latency is a fraction"),
+    ("fast", "target_latency must be a fraction in (0, 1) or milliseconds such as '12ms'"),
+    ("0ms", "target_latency in milliseconds must be positive"),
+])
+def test_bad_target_latency_is_one_line_before_any_work(capsys, tmp_path, no_work, value, expected):
+    err = one_line_error(capsys, ["compress", "--arch", "resnet_20", "--dataset", "synthetic",
+                                  "--output", str(tmp_path / "x"), *QUICK, "--target-latency", value])
+    assert expected in err
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("value", ["0.5", "12ms"])
+def test_target_latency_reaches_the_compression_run(monkeypatch, capsys, value):
+    import norton.cli.compress
+
+    calls = []
+    monkeypatch.setattr(norton.cli.compress, "run_compression", lambda **kwargs: calls.append(kwargs) or {})
+    assert main(["compress", "--arch", "resnet_20", "--target-latency", value, "--json"]) == 0
+    capsys.readouterr()
+    assert calls[0]["target_latency"] == value and calls[0]["target_macs"] is None
+    with pytest.raises(SystemExit):  # one budget only (argparse says so)
+        main(["compress", "--arch", "resnet_20", "--target-latency", value, "--target-macs", "0.5"])
+    assert "not allowed with argument --target-latency" in capsys.readouterr().err
+
+
+def test_target_latency_arguments_are_checked_without_a_model():
+    from norton.compress_arguments import check_compress_arguments, resolve_order
+    from norton.errors import UserError
+
+    common = dict(compress_rate=None, ratio=None, target_macs=None, criterion="l1", round_to=None,
+                  decompose_finetune=None, prune_finetune=None)
+    assert resolve_order(None, rank=None, compress_rate=None, ratio=None, target_macs=None,
+                         target_latency="5ms") == "auto"
+    assert check_compress_arguments(rank=None, order="auto", target_latency="5ms", **common) == {"target_latency": "5ms"}
+    with pytest.raises(UserError, match="order 'auto'"):
+        check_compress_arguments(rank=None, order="decompose-prune", target_latency=0.5, **common)
+    with pytest.raises(UserError, match="no rank"):
+        check_compress_arguments(rank=2, order="auto", target_latency=0.5, **common)
+    with pytest.raises(UserError, match="one way"):
+        check_compress_arguments(rank=None, order="auto", target_latency=0.5, **{**common, "target_macs": 0.5})

@@ -139,8 +139,8 @@ def check_compress_arguments(
     """Check every argument of :func:`compress` that needs no model; returns the pruning amount.
 
     The amount is ``{}`` (no pruning) or one of ``{"compress_rate": [...]}``,
-    ``{"ratio": ...}``, ``{"target_macs": ...}``, ``{"target_latency": ("fraction" | "ms", x)}``,
-    parsed and bounded by :mod:`norton.limits` (the latency by :func:`parse_target_latency`).
+    ``{"ratio": ...}``, ``{"target_macs": ...}``, ``{"target_latency": ...}`` (as given: ``auto_compress``
+    reads it), parsed and bounded by :mod:`norton.limits` (the latency by :func:`parse_target_latency`).
     """
     from norton.compress_rate import parse_compress_rate
 
@@ -164,7 +164,8 @@ def check_compress_arguments(
         raise UserError("target_latency is met by auto_compress only: use order 'auto' (the default without a rank)")
     amounts: dict[str, Any] = {}
     if target_latency is not None:
-        amounts["target_latency"] = parse_target_latency(target_latency)
+        parse_target_latency(target_latency)
+        amounts["target_latency"] = target_latency
     if compress_rate is not None:
         amounts["compress_rate"] = parse_compress_rate(compress_rate)
     if ratio is not None:

@@ -9,6 +9,10 @@ or by a MACs budget for any model, every layer's width and rank chosen from data
 
     norton compress --arch torchvision.resnet18 --dataset imagenet --target-macs 0.5 ...
 
+or by a latency budget (a fraction of the model's latency, or milliseconds; docs/latency.md)::
+
+    norton compress --ckpt baseline.pt --target-latency 0.5 ...
+
 with the uncompressed model teaching every fine-tuning stage (knowledge distillation)::
 
     norton compress ... --distill --distill-alpha 0.5 --distill-temperature 4
@@ -16,11 +20,12 @@ with the uncompressed model teaching every fine-tuning stage (knowledge distilla
 from __future__ import annotations
 
 import argparse
+import inspect
 from pathlib import Path
 from typing import Any
 
 from norton.cli import _options as options
-from norton.compress_arguments import ORDERS, FineTune
+from norton.compress_arguments import ORDERS, FineTune, parse_target_latency
 from norton.errors import UserError
 from norton.report import format_table
 from norton.workflow import run_compression
@@ -55,6 +60,9 @@ def add_compression_options(parser: argparse.ArgumentParser) -> None:
     how.add_argument("--ratio", type=float, default=None, help="fraction of filters removed from every prunable layer")
     how.add_argument("--target-macs", "--target_macs", dest="target_macs", type=float, default=None,
                      help="fraction of the original (uncompressed) model's MACs to keep, in (0, 1], e.g. 0.33")
+    how.add_argument("--target-latency", "--target_latency", dest="target_latency", default=None, metavar="X",
+                     help="run auto_compress to a latency: a fraction of the model's latency in (0, 1), e.g. 0.5, "
+                     "or milliseconds such as 12ms (optimize_for_inference's form, on the CPU; docs/latency.md)")
     group.add_argument("--criterion", default=None, help=CRITERIA_HELP)
     add_round_to_option(group)
     group.add_argument("--order", default=None, choices=ORDERS,
@@ -83,6 +91,13 @@ def run(args: argparse.Namespace) -> int:
     if args.arch is None and args.ckpt is None:
         raise UserError("give --ckpt (a trained baseline) or --arch (trained here for --baseline-epochs)")
     distill = options.finetune_distillation(args)
+    budget: dict[str, Any] = {}
+    if getattr(args, "target_latency", None) is not None:
+        parse_target_latency(args.target_latency)  # a typo is refused here, before torch is imported
+        budget["target_latency"] = args.target_latency
+        if not _takes("target_latency", run_compression):
+            raise UserError("--target-latency needs norton.workflow.run_compression(target_latency=...), which this "
+                            "version lacks; use norton.auto_compress(model, x, target_latency=...) from Python")
     summary = run_compression(
         model_file=args.ckpt, arch=args.arch, dataset=args.dataset, data_dir=args.data_dir, limit=args.limit,
         val_size=args.val_size, download=args.download, batch_size=args.batch_size, workers=args.workers,
@@ -92,10 +107,16 @@ def run(args: argparse.Namespace) -> int:
         decompose_finetune=FineTune(epochs=args.decompose_epochs, lr=args.finetune_lr, **distill),
         prune_finetune=FineTune(epochs=args.prune_epochs, lr=args.finetune_lr, **distill),
         output_dir=args.output or default_output(args.arch, args.ckpt), resume=args.resume, device=args.device,
-        seed=args.seed, progress=args.progress, title="norton compress", log=None if args.json else say,
+        seed=args.seed, progress=args.progress, title="norton compress", log=None if args.json else say, **budget,
     )
     print_summary(summary, as_json=args.json)
     return 0
+
+
+def _takes(name: str, function: Any) -> bool:
+    """Whether ``function`` accepts the keyword ``name`` (directly or through ``**kwargs``)."""
+    parameters = inspect.signature(function).parameters
+    return name in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
 
 
 def default_output(arch: str | None, ckpt: str | None) -> str:
