@@ -31,6 +31,7 @@ _EXPORTS = {
     "MaxError": "norton.decomposition.decompose",
     "replay_decompose": "norton.decomposition.decompose",
     "create_model": "norton.models",
+    "create_detector": "norton.detection.models",
     "list_models": "norton.models",
     "get_model_entry": "norton.models",
     "parse_compress_rate": "norton.compress_rate",

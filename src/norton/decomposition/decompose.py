@@ -35,6 +35,7 @@ from norton.decomposition.methods import (
     is_block,
     layer_macs,
 )
+from norton.detection.parts import layers_in_parts
 from norton.errors import UserError
 from norton.example_inputs import module_input_shapes
 from norton.limits import MAX_RANK, check_int
@@ -140,6 +141,7 @@ def decompose(
     seed: int | None = 0,
     progress: bool = True,
     return_report: bool = False,
+    detector_parts: Sequence[str] | None = None,
 ) -> nn.Module | tuple[nn.Module, list[LayerDecomposition]]:
     """Replace, in place, every eligible layer of ``model`` by a block of ``method``.
 
@@ -157,6 +159,9 @@ def decompose(
         n_iter_max, tol, init, seed: passed to the iterative algorithms (CP-ALS, HOOI).
         progress: show a progress bar over layers.
         return_report: also return the per-layer :class:`LayerDecomposition` rows.
+        detector_parts: for a torchvision detector, the parts whose layers are decomposed:
+            ``("body",)`` by default, any of ``"body", "fpn", "rpn", "box_head", "mask_head",
+            "keypoint_head"`` (:mod:`norton.detection.parts`; the box head's fc6/fc7 take ``method="svd"``).
 
     Every rank is chosen and checked before any layer changes: a bad rank, method or
     spec raises a one-line ``UserError`` and leaves ``model`` as it was.
@@ -164,6 +169,7 @@ def decompose(
     spec = get_method(method)
     chooser = _rank_chooser(rank, spec)
     layers = eligible_convs(model, include=include, exclude=exclude, method=method)
+    layers = layers_in_parts(model, layers, detector_parts, method)  # a detector: its body unless asked
     if isinstance(chooser, Mapping):
         unknown = sorted(set(chooser) - set(layers))
         if unknown:

@@ -36,13 +36,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from norton.complexity import ALIASES, CONVENTIONS, count_conventions
+from norton.complexity import ALIASES, CONVENTIONS, convention_sources, count_conventions
 from norton.errors import UserError
 from norton.example_inputs import model_device, takes_image_list
 
 PROTOCOLS = ("paper", "max")
 PAPER_DETECTIONS = 1
 MAX_ROIS = 100_000  # far above torchvision's 1000 proposals / 100 detections; bounds the multiplication
+Counts = dict[str, tuple[int, int]]  # convention -> (macs, params) of one part
 
 
 @dataclass(frozen=True)
@@ -113,35 +114,19 @@ def detector_complexity(
     finally:
         for module, training in modes.items():
             module.training = training
-    totals = {key: (sum(p[key][0] for p in parts.values()), sum(p[key][1] for p in parts.values()))
+    totals = {key: (sum(c[key][0] for _, c in parts.values()), sum(c[key][1] for _, c in parts.values()))
               for key in ("conv+linear", "ptflops-modules", "thop")}
-    macs_key, params_key = convention, convention
-    if convention == "reference":  # min over the two tools' totals, MACs and params separately
-        macs_key = min(("ptflops-modules", "thop"), key=lambda key: totals[key][0])
-        params_key = min(("ptflops-modules", "thop"), key=lambda key: totals[key][1])
-    rows = [PartComplexity(name, _runs(name, proposals, detections), counts[macs_key][0], counts[params_key][1])
-            for name, counts in parts.items()]
+    # "reference": min over the two tools' *totals*, MACs and params separately
+    macs_key, params_key = convention_sources(convention, totals)
+    rows = [PartComplexity(name, runs, counts[macs_key][0], counts[params_key][1])
+            for name, (runs, counts) in parts.items()]
     return DetectorComplexity(totals[macs_key][0], totals[params_key][1], convention, image_size,
                               proposals, detections, protocol, rows)
 
 
-# which count each part runs: once per image, per proposal or per detection
-_RUNS = {"backbone.body": 1, "backbone.fpn": 1, "rpn.head": 1,
-         "roi_heads.box_head": -1, "roi_heads.box_predictor": -1,
-         "roi_heads.mask_head": -2, "roi_heads.mask_predictor": -2,
-         "roi_heads.keypoint_head": -2, "roi_heads.keypoint_predictor": -2}
-
-
-def _runs(name: str, proposals: int, detections: int) -> int:
-    return {1: 1, -1: proposals, -2: detections}[_RUNS[name]]
-
-
-Counts = dict[str, tuple[int, int]]  # convention -> (macs, params)
-
-
 def _count_parts(model: nn.Module, height: int, width: int, proposals: int,
-                 detections: int) -> tuple[dict[str, Counts], tuple[int, int]]:
-    """Every part's counts, in forward order, with the RoI parts multiplied by their RoI count."""
+                 detections: int) -> tuple[dict[str, tuple[int, Counts]], tuple[int, int]]:
+    """Every part's ``(runs, counts)`` in forward order, the RoI parts' MACs multiplied by their runs."""
     device = model_device(model)
     dtype = next(model.parameters()).dtype
     transform: Any = model.transform
@@ -150,10 +135,12 @@ def _count_parts(model: nn.Module, height: int, width: int, proposals: int,
     backbone: Any = model.backbone
     rpn: Any = model.rpn
     roi_heads: Any = model.roi_heads
-    parts: dict[str, Counts] = {}
-    parts["backbone.body"], features = _count(backbone.body, batched)
-    parts["backbone.fpn"], pyramid = _count(backbone.fpn, (features,))
-    parts["rpn.head"], _ = _count(rpn.head, (list(pyramid.values()),))
+    parts: dict[str, tuple[int, Counts]] = {}
+    counts, features = _count(backbone.body, batched)
+    parts["backbone.body"] = (1, counts)
+    counts, pyramid = _count(backbone.fpn, (features,))
+    parts["backbone.fpn"] = (1, counts)
+    parts["rpn.head"] = (1, _count(rpn.head, (list(pyramid.values()),))[0])
     channels = int(backbone.out_channels)
     heads = [("box", proposals, roi_heads.box_roi_pool)]
     for kind in ("mask", "keypoint"):
@@ -164,8 +151,8 @@ def _count_parts(model: nn.Module, height: int, width: int, proposals: int,
         pooled = torch.zeros(1, channels, *_pair(pool.output_size), device=device, dtype=dtype)
         head, predictor = getattr(roi_heads, f"{kind}_head"), getattr(roi_heads, f"{kind}_predictor")
         counts, hidden = _count(head, pooled)
-        parts[f"roi_heads.{kind}_head"] = _times(counts, rois)
-        parts[f"roi_heads.{kind}_predictor"] = _times(_count(predictor, hidden)[0], rois)
+        parts[f"roi_heads.{kind}_head"] = (rois, _times(counts, rois))
+        parts[f"roi_heads.{kind}_predictor"] = (rois, _times(_count(predictor, hidden)[0], rois))
     return parts, (int(batched.shape[-2]), int(batched.shape[-1]))
 
 

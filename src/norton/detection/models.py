@@ -204,7 +204,7 @@ def _body(backbone: Any, depth: int, name: str) -> tuple[nn.Module, dict[str, An
         body = _read_body_file(Path(backbone).expanduser(), depth, name)
     else:
         raise UserError(f"backbone must be a file path, a module or None, got {type(backbone).__name__}")
-    architecture = body.norton_architecture
+    architecture: Mapping[str, Any] = getattr(body, "norton_architecture", {})
     _check_body_name(architecture, depth, name, "the backbone")
     _check_resnet(body, depth, name)
     return body, {"architecture": dict(architecture), "plan": plan_of(body)}
@@ -219,7 +219,8 @@ def _check_body_name(architecture: Any, depth: int, name: str, what: str) -> Non
 
 def _check_resnet(body: nn.Module, depth: int, name: str) -> None:
     stages = [getattr(body, f"layer{i}", None) for i in range(1, 5)]
-    if not all(isinstance(stage, nn.Sequential) for stage in stages) or tuple(map(len, stages)) != BLOCKS[depth]:
+    sizes = tuple(len(stage) if isinstance(stage, nn.Sequential) else -1 for stage in stages)
+    if sizes != BLOCKS[depth]:
         raise UserError(f"the backbone of {name} must be a ResNet-{depth} (layer1..4 of {BLOCKS[depth]} blocks)")
 
 

@@ -202,6 +202,7 @@ def _read_video(path: Path, limit: int) -> list[Tensor]:
         raise UserError(f"reading the video {path.name} needs PyAV: pip install av (or pass a folder of images)")
     import av
 
+    av_error = getattr(av, "FFmpegError", None) or av.AVError  # the error base of PyAV >= 9, then older ones
     frames = []
     try:
         with av.open(str(path)) as container:
@@ -209,7 +210,7 @@ def _read_video(path: Path, limit: int) -> list[Tensor]:
                 frames.append(_from_pil(frame.to_image()))
                 if len(frames) >= limit:
                     break
-    except av.FFmpegError as error:  # type: ignore[attr-defined]  # PyAV's error base, not in its stubs
+    except av_error as error:
         raise UserError(f"cannot read video {path}: {error}") from None
     if not frames:
         raise UserError(f"{path} holds no video frame")

@@ -78,6 +78,7 @@ def prune(
     iterative_steps: int = 1,
     prune_linear: bool = False,
     calibration: Iterable[Any] | None = None,
+    detector_parts: Sequence[str] | None = None,
 ) -> nn.Module:
     """Remove filters of ``model`` in place and return it; ``model`` is unchanged if this raises.
 
@@ -113,6 +114,10 @@ def prune(
             remaining filters after each (a criterion comparing filters with each
             other then sees the survivors only).
         prune_linear: also remove hidden units of ``nn.Linear`` layers.
+        detector_parts: for a torchvision detector (``example_inputs`` a list of images), the
+            parts pruned: ``("body",)`` by default, any of ``"body", "fpn", "rpn", "box_head",
+            "mask_head", "keypoint_head"`` (:mod:`norton.detection.parts`); the widths outside
+            them, and so the heads' outputs, are kept.
         calibration: unlabeled data to recover with before any fine-tuning: an iterable of
             batches, each an input tensor or an ``(input, target)`` pair (a DataLoader over a
             few hundred training images; targets are not read). After the surgery every
@@ -133,7 +138,7 @@ def prune(
     record = plan_prune(
         model, example_inputs, ratio=ratio, compress_rate=compress_rate, target_macs=target_macs,
         criterion=criterion, ignored_layers=ignored_layers, round_to=round_to,
-        iterative_steps=iterative_steps, prune_linear=prune_linear,
+        iterative_steps=iterative_steps, prune_linear=prune_linear, detector_parts=detector_parts,
     )
     if inputs is None:
         return replay_prune(model, record)
@@ -167,6 +172,7 @@ def plan_prune(
     round_to: int | None = None,
     iterative_steps: int = 1,
     prune_linear: bool = False,
+    detector_parts: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """The ``{"op": "prune", ...}`` record :func:`prune` would apply, without changing ``model``.
 
@@ -177,7 +183,7 @@ def plan_prune(
     check_int(iterative_steps, "iterative_steps", maximum=MAX_STEPS)
     check_round_to(round_to, compress_rate)
     score = _resolve_criterion(criterion)
-    work, graph, groups = traced(model, example_inputs, ignored_layers, prune_linear)
+    work, graph, groups = traced(model, example_inputs, ignored_layers, prune_linear, detector_parts=detector_parts)
     if not groups:
         raise UserError(NO_PRUNABLE_LAYERS)
     probes = check_single_path(work, example_inputs)  # before any scoring: a data-dependent forward fails fast

@@ -75,16 +75,24 @@ def coupled_groups(
     *,
     ignored_layers: Iterable[str | nn.Module] = (),
     prune_linear: bool = False,
+    detector_parts: Sequence[str] | None = None,
 ) -> list[CoupledGroup]:
     """The coupled channel groups of ``model`` as :func:`prune` sees them (inspection only)."""
-    _, _, groups = traced(model, example_inputs, ignored_layers, prune_linear)
+    _, _, groups = traced(model, example_inputs, ignored_layers, prune_linear, detector_parts=detector_parts)
     return [CoupledGroup(tuple(g.layers), g.channels, g.protected) for g in groups]
 
 
 def traced(
-    model: nn.Module, example_inputs: ExampleInputs, ignored_layers: Iterable[str | nn.Module], prune_linear: bool
+    model: nn.Module, example_inputs: ExampleInputs, ignored_layers: Iterable[str | nn.Module], prune_linear: bool,
+    *, detector_parts: Sequence[str] | None = None,
 ) -> tuple[nn.Module, tp.DependencyGraph, list[Group]]:
-    """A working copy of ``model``, its dependency graph and its coupled groups."""
+    """A working copy of ``model``, its dependency graph and its coupled groups.
+
+    A detector keeps the widths outside ``detector_parts`` (its body by default; :mod:`norton.detection.parts`).
+    """
+    from norton.detection.parts import detector_scope
+
+    ignored_layers, prune_linear = detector_scope(model, detector_parts, ignored_layers, prune_linear)
     ignored_names = _resolve_ignored(model, ignored_layers)
     work = _working_copy(model)
     graph = _build_graph(work, example_inputs)
@@ -112,12 +120,14 @@ def _build_graph(work: nn.Module, example_inputs: ExampleInputs) -> tp.Dependenc
         outputs.append(call_model(model, inputs))
         return outputs[-1]
 
+    from norton.detection.parts import with_head_outputs
+
     try:
         with torch.enable_grad():
             graph = tp.DependencyGraph().build_dependency(
                 work,
                 example_inputs=example_inputs,
-                forward_fn=forward,
+                forward_fn=with_head_outputs(work, forward),
                 customized_pruners=customized_pruners(work),
                 verbose=False,
             )
