@@ -234,3 +234,41 @@ def test_validation_with_coco_evaluation(tmp_path):
                              device="cpu", progress=False, verbose=False)
     assert set(history[0]["val"]["bbox"]) >= {"AP", "AP50", "AP75", "AR100"}
     assert history[0]["val_ap"] == history[0]["val"]["bbox"]["AP"]
+
+
+def _ddp_worker(rank: int, world: int, port: int, folder: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    from norton.detection.coco import detection_loader
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = tiny_detector()
+        history = train_detector(model, detection_loader(tiny_set(), batch_size=2, train=True), epochs=2, lr=0.01,
+                                 device="cpu", progress=False, verbose=False,
+                                 checkpoint_dir=f"{folder}/run")  # rank 0 writes, the others only read it
+        torch.save({"state": model.state_dict(), "lr": history[0]["lr"]}, f"{folder}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_processes_train_one_model(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    zero, one = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    for key, value in zero["state"].items():  # DDP averages the gradients: the replicas stay equal
+        torch.testing.assert_close(value, one["state"][key], msg=key)
+    saved = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert saved["epoch"] == 2 and saved["recipe"]["world_size"] == 2
+    assert saved["recipe"]["steps_per_epoch"] == 2  # 8 images, 2 ranks, 2 per batch
