@@ -39,6 +39,7 @@ _EXPORTS = {
     "count_complexity": "norton.complexity",
     "Complexity": "norton.complexity",
     "detector_complexity": "norton.detection.complexity",
+    "train_detector": "norton.detection.train",
     "prune": "norton.pruning.engine",
     "plan_prune": "norton.pruning.engine",
     "coupled_groups": "norton.pruning.engine",

@@ -194,12 +194,12 @@ def _demo_data(out: Path, settings: DemoSettings, fashion_mnist_dir: Any, say: L
 
 
 def _train(model: Any, run_dir: Path, settings: DemoSettings, epochs: int, lr: float, train_loader: Any,
-           val_loader: Any, device: Any, progress: bool) -> None:
+           val_loader: Any, names: list[str], device: Any, progress: bool) -> None:
     from norton.detection.train import train_detector
 
     train_detector(model, train_loader, val_loader, epochs=epochs, lr=lr, warmup_iters=settings.warmup_iters,
                    checkpoint_dir=run_dir, resume=(run_dir / "last.pt").is_file(), progress=progress,
-                   device=device, verbose=progress, args={"stage": run_dir.name})
+                   device=device, verbose=progress, args={"stage": run_dir.name, "category_names": names})
 
 
 def _baseline(out: Path, settings: DemoSettings, num_classes: int, train_loader: Any, val_loader: Any,
@@ -214,7 +214,7 @@ def _baseline(out: Path, settings: DemoSettings, num_classes: int, train_loader:
                             max_size=settings.canvas, **settings.detector_options)
     say(f"training the baseline {settings.model} for {settings.baseline_epochs} epoch(s) ...")
     _train(model, out / "baseline", settings, settings.baseline_epochs, settings.baseline_lr, train_loader,
-           val_loader, device, progress)
+           val_loader, names, device, progress)
     norton.save(model, path, stage="baseline", category_names=names, dataset="detect-demo")
     return model
 
@@ -247,7 +247,7 @@ def _compressed(out: Path, settings: DemoSettings, baseline: Any, train_loader: 
         model.to(device)
     say(f"fine-tuning the compressed detector for {settings.finetune_epochs} epoch(s) ...")
     _train(model, out / "finetune", settings, settings.finetune_epochs, settings.finetune_lr, train_loader,
-           val_loader, device, progress)
+           val_loader, names, device, progress)
     norton.save(model, path, stage="compressed", category_names=names, dataset="detect-demo")
     return model
 
