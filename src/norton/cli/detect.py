@@ -309,7 +309,7 @@ def _register_demo(commands: argparse._SubParsersAction) -> None:
     group.add_argument("--baseline-epochs", dest="baseline_epochs", type=int, default=None, help="default 3")
     group.add_argument("--finetune-epochs", dest="finetune_epochs", type=int, default=None, help="default 1")
     group.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=None, help="default 8")
-    group.add_argument("--lr", dest="baseline_lr", type=float, default=None, help="baseline lr (default 0.02)")
+    group.add_argument("--lr", dest="baseline_lr", type=float, default=None, help="baseline lr (default 0.01: 0.02 x 8 / 16, the reference's scaling)")
     group.add_argument("--finetune-lr", dest="finetune_lr", type=float, default=None, help="default 0.01")
     parser.add_argument("--fashion-mnist", dest="fashion_mnist", default=None, metavar="DIR",
                         help="Fashion-MNIST idx files (default /usr/share/datasets/fashion-mnist)")

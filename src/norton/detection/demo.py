@@ -61,7 +61,7 @@ class DemoSettings:
         "rpn_post_nms_top_n_test": 100, "box_batch_size_per_image": 64, "box_detections_per_img": 20})
 
 
-FULL = DemoSettings(train_images=400, val_images=100, canvas=128, batch_size=8, baseline_epochs=3, baseline_lr=0.02,
+FULL = DemoSettings(train_images=400, val_images=100, canvas=128, batch_size=8, baseline_epochs=3, baseline_lr=0.01,
                     finetune_epochs=1, finetune_lr=0.01, warmup_iters=50, rank=2, prune_ratio=0.5, frames=12)
 QUICK = DemoSettings(train_images=8, val_images=4, canvas=64, batch_size=4, baseline_epochs=1, baseline_lr=0.01,
                      finetune_epochs=1, finetune_lr=0.005, warmup_iters=1, rank=2, prune_ratio=0.5, frames=2,
