@@ -116,13 +116,15 @@ def run_detection_demo(
     names = list(train_set.category_names)
     seed_everything(0)
 
-    baseline = _baseline(out, settings, train_set.num_classes, train_loader, val_loader, names, device_,
-                         progress, say)
-    compressed = _compressed(out, settings, baseline, train_loader, val_loader, names, device_, progress, say)
+    baseline, new_baseline = _baseline(out, settings, train_set.num_classes, train_loader, val_loader, names,
+                                       device_, progress, say)
+    compressed, new_compressed = _compressed(out, settings, baseline, train_loader, val_loader, names, device_,
+                                             progress, say)
     images = [val_set[i][0] for i in range(min(settings.frames, len(val_set)))]
+    stale = [name for name, new in (("baseline", new_baseline), ("compressed", new_compressed)) if new]
     results = _results(out, {"baseline": baseline, "compressed": compressed}, val_loader, images, settings,
-                       device_, say)
-    gif = _side_by_side(out, baseline, compressed, images, names, say)
+                       device_, say, stale=stale)
+    gif = _side_by_side(out, baseline, compressed, images, names, say, redraw=bool(stale))
     summary = {"command": "norton detect demo" + (" --quick" if quick else ""), "output": str(out),
                "device": str(device_), "torch_threads": torch.get_num_threads(),
                "settings": dataclasses.asdict(settings), "results": results,
@@ -203,30 +205,32 @@ def _train(model: Any, run_dir: Path, settings: DemoSettings, epochs: int, lr: f
 
 
 def _baseline(out: Path, settings: DemoSettings, num_classes: int, train_loader: Any, val_loader: Any,
-              names: list[str], device: Any, progress: bool, say: Log) -> Any:
+              names: list[str], device: Any, progress: bool, say: Log) -> tuple[Any, bool]:
+    """The baseline detector and whether it was (re)made by this call."""
     import norton
     from norton.detection.models import create_detector
 
     path = out / "baseline.pt"
     if path.is_file():
-        return norton.load(path).to(device)
+        return norton.load(path).to(device), False
     model = create_detector(settings.model, num_classes=num_classes, min_size=settings.canvas,
                             max_size=settings.canvas, **settings.detector_options)
     say(f"training the baseline {settings.model} for {settings.baseline_epochs} epoch(s) ...")
     _train(model, out / "baseline", settings, settings.baseline_epochs, settings.baseline_lr, train_loader,
            val_loader, names, device, progress)
     norton.save(model, path, stage="baseline", category_names=names, dataset="detect-demo")
-    return model
+    return model, True
 
 
 def _compressed(out: Path, settings: DemoSettings, baseline: Any, train_loader: Any, val_loader: Any,
-                names: list[str], device: Any, progress: bool, say: Log) -> Any:
+                names: list[str], device: Any, progress: bool, say: Log) -> tuple[Any, bool]:
+    """The compressed, fine-tuned detector and whether it was (re)made by this call."""
     import norton
     from norton.detection.models import detector_example_inputs
 
     path, initial = out / "compressed.pt", out / "compressed-init.pt"
     if path.is_file():
-        return norton.load(path).to(device)
+        return norton.load(path).to(device), False
     if initial.is_file():
         model = norton.load(initial).to(device)
     else:
@@ -249,12 +253,13 @@ def _compressed(out: Path, settings: DemoSettings, baseline: Any, train_loader: 
     _train(model, out / "finetune", settings, settings.finetune_epochs, settings.finetune_lr, train_loader,
            val_loader, names, device, progress)
     norton.save(model, path, stage="compressed", category_names=names, dataset="detect-demo")
-    return model
+    return model, True
 
 
 def _results(out: Path, models: Mapping[str, Any], val_loader: Any, images: list[Any], settings: DemoSettings,
-             device: Any, say: Log) -> dict[str, dict[str, Any]]:
-    """AP/AR, MACs, params and FPS of each model; cached in ``results.json`` (FPS is measured once)."""
+             device: Any, say: Log, stale: list[str]) -> dict[str, dict[str, Any]]:
+    """AP/AR, MACs, params and FPS of each model; cached in ``results.json`` (FPS is measured once),
+    except for the ``stale`` models (made by this run)."""
     from norton.detection.complexity import detector_complexity
     from norton.detection.evaluate import evaluate_detector
     from norton.detection.visualize import measure_fps
@@ -262,6 +267,7 @@ def _results(out: Path, models: Mapping[str, Any], val_loader: Any, images: list
 
     path = out / "results.json"
     results: dict[str, dict[str, Any]] = read_json(path) if path.is_file() else {}
+    results = {name: row for name, row in results.items() if name not in stale}
     for name, model in models.items():
         if name in results:
             continue
@@ -275,12 +281,13 @@ def _results(out: Path, models: Mapping[str, Any], val_loader: Any, images: list
     return results
 
 
-def _side_by_side(out: Path, baseline: Any, compressed: Any, images: list[Any], names: list[str], say: Log) -> str | None:
+def _side_by_side(out: Path, baseline: Any, compressed: Any, images: list[Any], names: list[str], say: Log, *,
+                  redraw: bool) -> str | None:
     from norton.detection.visualize import side_by_side
 
     folder = out / "side_by_side"
     existing = sorted(folder.glob("*.gif")) if folder.is_dir() else []
-    if existing:
+    if existing and not redraw:
         return str(existing[0])
     say(f"drawing {len(images)} validation images side by side (baseline left, compressed right) ...")
     result = side_by_side(baseline, compressed, images, category_names=names, out_dir=folder)
@@ -305,7 +312,8 @@ def format_summary(summary: Mapping[str, Any]) -> str:
                  f"{summary['torch_threads']} threads; MACs at {summary['settings']['canvas']} px, "
                  "docs/complexity.md's paper protocol)")
     files = summary["files"]
-    lines.append(f"saved {files['baseline']}, {files['compressed']}" + (f", {files['gif']}" if files["gif"] else ""))
+    lines.append(f"saved {files['baseline']}, {files['compressed']}" + (f", {files['gif']}" if files["gif"] else "")
+                 + f"; this run took {summary['seconds'] / 60:.1f} minutes")
     return "\n".join(lines)
 
 
