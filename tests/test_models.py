@@ -22,7 +22,10 @@ def conv_widths(model: nn.Module) -> dict[str, int]:
 
 # ------------------------------------------------------------------ registry
 def test_registry_lists_the_paper_models():
-    assert list_models() == ZOO
+    assert [name for name in list_models() if get_model_entry(name).dataset != "coco"] == ZOO
+    detectors = {name for name in list_models() if get_model_entry(name).dataset == "coco"}
+    assert {"fasterrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn", "keypointrcnn_resnet50_fpn",
+            "fasterrcnn_CPresnet50_fpn"} <= detectors
     assert {name: (get_model_entry(name).input_size, get_model_entry(name).dataset) for name in ZOO} == {
         "densenet_40": (32, "cifar10"),
         "resnet_110": (32, "cifar10"),
