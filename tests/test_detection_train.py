@@ -22,6 +22,7 @@ def tiny_detector(num_classes: int = 3, size: int = 32) -> nn.Module:
     """A Faster R-CNN on a 2-conv backbone (8 channels, stride 4), 32-px images: trains in milliseconds."""
     from torchvision.models.detection import FasterRCNN
     from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
     from torchvision.ops import MultiScaleRoIAlign
 
     torch.manual_seed(0)
@@ -29,10 +30,11 @@ def tiny_detector(num_classes: int = 3, size: int = 32) -> nn.Module:
                              nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU())
     backbone.out_channels = 8
     return FasterRCNN(
-        backbone, num_classes=num_classes, min_size=size, max_size=size,
+        backbone, min_size=size, max_size=size,
         rpn_anchor_generator=AnchorGenerator(((8, 16),), ((1.0,),)),
         box_roi_pool=MultiScaleRoIAlign(["0"], output_size=3, sampling_ratio=1),
-        representation_size=16, rpn_pre_nms_top_n_train=50, rpn_post_nms_top_n_train=20,
+        box_head=TwoMLPHead(8 * 3 * 3, 16), box_predictor=FastRCNNPredictor(16, num_classes),
+        rpn_pre_nms_top_n_train=50, rpn_post_nms_top_n_train=20,
         rpn_pre_nms_top_n_test=50, rpn_post_nms_top_n_test=20, box_batch_size_per_image=16,
         rpn_batch_size_per_image=32,
     )
@@ -154,9 +156,11 @@ def test_resume_refuses_other_settings_and_other_models(tmp_path):
         train_detector(tiny_detector(), loader(tiny_set(4)), epochs=2, resume=True, **kwargs)
     other = tiny_detector()
     other.roi_heads.box_predictor.cls_score = nn.Linear(16, 5)
-    with pytest.raises(UserError, match="different model") as error:
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(UserError, match=r"different model .*cls_score.weight: \(3, 16\) in the checkpoint") as error:
         train_detector(other, loader(tiny_set(4)), epochs=1, resume=True, **kwargs)
     assert "\n" not in str(error.value)
+    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())  # nothing loaded
     with pytest.raises(UserError, match="nothing to resume"):
         train_detector(tiny_detector(), loader(tiny_set(4)), epochs=1, resume=True, lr=0.01, device="cpu",
                        checkpoint_dir=tmp_path / "empty")

@@ -304,11 +304,8 @@ def train_detector(
         path = out / "last.pt"
         checkpoint = load_checkpoint(path)
         check_same_recipe(checkpoint["recipe"], settings, path)
-        try:
-            model_without_ddp.load_state_dict(checkpoint["model"]["state_dict"])
-        except RuntimeError as error:
-            raise UserError(f"{path} holds a different model than the one given "
-                            f"({str(error).strip().splitlines()[0]}): resume with the same --model") from error
+        _check_same_model(model_without_ddp, checkpoint["model"]["state_dict"], path)
+        model_without_ddp.load_state_dict(checkpoint["model"]["state_dict"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         scaler.load_state_dict(checkpoint["scaler"])
@@ -345,6 +342,21 @@ def train_detector(
     if best_state is not None:
         model_without_ddp.load_state_dict(best_state)
     return history
+
+
+def _check_same_model(model: nn.Module, state: Mapping[str, Any], path: Path) -> None:
+    """``UserError`` naming the first entry where ``state`` does not fit ``model`` (before anything is loaded)."""
+    expected = model.state_dict()
+    for key, tensor in expected.items():
+        got = state.get(key)
+        if not isinstance(got, Tensor) or got.shape != tensor.shape:
+            found = "missing" if got is None else tuple(got.shape) if isinstance(got, Tensor) else type(got).__name__
+            raise UserError(f"{path} holds a different model than the one given ({key}: {found} in the checkpoint, "
+                            f"{tuple(tensor.shape)} in the model): resume with the same --model")
+    extra = next((key for key in state if key not in expected), None)
+    if extra is not None:
+        raise UserError(f"{path} holds a different model than the one given (it has {extra}, the model does not): "
+                        "resume with the same --model")
 
 
 def _validate(model: nn.Module, loader: DataLoader | None, *, progress: bool) -> dict[str, dict[str, float]] | None:
