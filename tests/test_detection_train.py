@@ -106,7 +106,7 @@ def test_loss_falls_and_history_is_returned(tmp_path):
     losses = [record["train_loss"] for record in history]
     assert [record["epoch"] for record in history] == list(range(1, 7))
     assert all(math.isfinite(loss) for loss in losses)
-    assert losses[-1] < 0.8 * losses[0], losses
+    assert sum(losses[-2:]) / 2 < 0.8 * losses[0], losses  # e.g. 1.82 -> 0.99, 1.32
     assert {"train_loss_classifier", "train_loss_box_reg", "train_loss_objectness"} <= set(history[0])
     assert history[-1]["best_epoch"] == 6  # no validation loader: the last epoch is the best
     assert (tmp_path / "run" / "best.pt").is_file() and (tmp_path / "run" / "last.pt").is_file()
