@@ -304,7 +304,7 @@ def count_complexity(
         raise UserError("count_complexity needs exactly one of input_size or example_inputs")
     tallies = _count_macs(model, inputs, _batch(model, inputs, shape))
     totals = _count_params(model, tallies)
-    macs_key, params_key = _keys(convention, totals)
+    macs_key, params_key = convention_sources(convention, totals)
     layers = _rows(model, tallies[macs_key].macs, tallies[params_key].params) if per_layer else []
     return Complexity(totals[macs_key][0], totals[params_key][1], convention, shape, layers)
 
@@ -318,12 +318,12 @@ def count_conventions(model: nn.Module, example_inputs: Any) -> dict[str, tuple[
     inputs = on_device_of(example_inputs, model)
     shape = tuple(first_tensor(inputs).shape)
     totals = _count_params(model, _count_macs(model, inputs, _batch(model, inputs, shape)))
-    macs_key, params_key = _keys("reference", totals)
+    macs_key, params_key = convention_sources("reference", totals)
     return {**totals, "reference": (totals[macs_key][0], totals[params_key][1])}
 
 
-def _keys(convention: str, totals: dict[str, tuple[int, int]]) -> tuple[str, str]:
-    """The rule sets the MACs and the params of ``convention`` come from."""
+def convention_sources(convention: str, totals: dict[str, tuple[int, int]]) -> tuple[str, str]:
+    """The rule sets the MACs and the params of ``convention`` come from, given every rule set's totals."""
     if convention != "reference":
         return convention, convention
     # the reference printed min(ptflops, thop), MACs and params separately
