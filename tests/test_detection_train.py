@@ -276,3 +276,46 @@ def test_two_processes_train_one_model(tmp_path):
     saved = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert saved["epoch"] == 2 and saved["recipe"]["world_size"] == 2
     assert saved["recipe"]["steps_per_epoch"] == 2  # 8 images, 2 ranks, 2 per batch
+
+
+def tiny_rcnn(kind: str, num_classes: int, num_keypoints: int = 0) -> nn.Module:
+    """A tiny Faster / Mask / Keypoint R-CNN on the 8-channel backbone, for 64-px images."""
+    from torchvision.models.detection import KeypointRCNN, MaskRCNN
+    from torchvision.models.detection.keypoint_rcnn import KeypointRCNNHeads, KeypointRCNNPredictor
+    from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+    from torchvision.ops import MultiScaleRoIAlign
+
+    base = tiny_detector(num_classes, 64)
+    if kind == "boxes":
+        return base
+    common = {"min_size": 64, "max_size": 64, "rpn_anchor_generator": base.rpn.anchor_generator,
+              "box_roi_pool": base.roi_heads.box_roi_pool, "box_head": base.roi_heads.box_head,
+              "box_predictor": base.roi_heads.box_predictor, "box_batch_size_per_image": 16}
+    pool = MultiScaleRoIAlign(["0"], output_size=7, sampling_ratio=1)
+    if kind == "masks":
+        return MaskRCNN(base.backbone, mask_roi_pool=pool, mask_head=MaskRCNNHeads(8, [8], 1),
+                        mask_predictor=MaskRCNNPredictor(8, 8, num_classes), **common)
+    return KeypointRCNN(base.backbone, keypoint_roi_pool=pool, keypoint_head=KeypointRCNNHeads(8, [8]),
+                        keypoint_predictor=KeypointRCNNPredictor(8, num_keypoints), **common)
+
+
+@pytest.mark.parametrize(("kind", "metrics", "epochs", "fall"), [
+    ("boxes", {"bbox"}, 6, 0.8), ("masks", {"bbox", "segm"}, 6, 0.8),
+    # the keypoint loss, a cross-entropy over 56x56 heatmap positions (log 3136 = 8), falls slowest
+    ("keypoints", {"bbox", "keypoints"}, 10, 0.9),
+])
+def test_each_detector_kind_trains_and_evaluates(tmp_path, kind, metrics, epochs, fall):
+    from norton.detection.coco import coco_datasets, detection_loader
+    from norton.detection.demo_data import make_demo_data
+
+    make_demo_data(tmp_path, train_images=8, val_images=2, canvas=64)
+    train_set, val_set = coco_datasets(tmp_path, kind=kind)
+    model = tiny_rcnn(kind, train_set.num_classes, train_set.num_keypoints)
+    history = train_detector(model, detection_loader(train_set, batch_size=4, train=True),
+                             detection_loader(val_set, batch_size=2, train=False), epochs=epochs, lr=0.02,
+                             lr_steps=(epochs - 1,), warmup_iters=0, device="cpu", progress=False, verbose=False)
+    losses = [record["train_loss"] for record in history]
+    assert sum(losses[-2:]) / 2 < fall * losses[0], losses
+    assert set(history[-1]["val"]) == metrics
+    if kind != "boxes":
+        assert f"train_loss_{'mask' if kind == 'masks' else 'keypoint'}" in history[0]
