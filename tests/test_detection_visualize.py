@@ -119,7 +119,8 @@ def test_bad_detection_is_a_user_error():
 @pytest.fixture(scope="module")
 def detectors():
     torch.manual_seed(0)
-    options = {"min_size": 64, "max_size": 64, "rpn_post_nms_top_n_test": 50, "box_score_thresh": 0.0}
+    options = {"min_size": 64, "max_size": 64, "rpn_post_nms_top_n_test": 20, "box_score_thresh": 0.0,
+               "box_detections_per_img": 5}  # a few drawn detections, little work
     baseline = create_detector("maskrcnn_resnet18_fpn", num_classes=3, **options)
     compressed = create_detector("maskrcnn_resnet18_fpn", num_classes=3, **options)
     return baseline.eval(), compressed.eval()
@@ -154,6 +155,10 @@ def test_side_by_side_writes_frames_and_a_gif(detectors, tmp_path):
         left, right = picture.crop((0, 0, 64, TITLE_HEIGHT)), picture.crop((64, 0, 128, TITLE_HEIGHT))
         assert left.getbbox() is not None and right.getbbox() is not None  # both titles written
         assert left.tobytes() != right.tobytes()
+        with Image.open(folder / "0.png") as source:
+            plain = source.convert("RGB").tobytes()
+        panel = picture.convert("RGB").crop((0, TITLE_HEIGHT, 64, TITLE_HEIGHT + 48))
+        assert panel.tobytes() != plain  # detections drawn on the image
 
 
 def test_inputs_are_checked_before_work(tmp_path):
