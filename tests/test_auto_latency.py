@@ -187,3 +187,16 @@ def test_bad_latency_budgets_are_one_line(kwargs, message, tmp_path):
         norton.auto_compress(model, torch.randn(2, 3, 16, 16), calibration=_calibration(), progress=False,
                              latency_cache=tmp_path, **kwargs)
     assert "\n" not in str(error.value) and not hasattr(model, "norton_plan")
+
+
+def test_an_outlier_timing_cannot_make_narrower_layers_look_cheap(tmp_path):
+    with pytest.MonkeyPatch.context() as patch:
+        # conv2's (16 in, 8 out) point was hit by load: 1000 instead of 128.
+        patch.setattr(LatencyTable, "_measure",
+                      lambda self, c, i, o: 1000.0 if (c.kind, i, o) == ("conv", 16, 8) else float(i * o))
+        model, groups, _ = _choice_latency(tmp_path, _Net().eval(), torch.randn(2, 3, 8, 8))
+    names = model.macs.widths.leaf_names
+    keep = torch.tensor([[g.channels for g in groups]], dtype=torch.float64)
+    keep[0, 1] = 8  # conv2 keeps 8 of its 24 outputs
+    conv2 = float(model.layers(keep, torch.zeros(1, 1, dtype=torch.long))[0, names.index("conv2")])
+    assert conv2 <= 16 * 16  # at most the next wider point (16 in, 16 out), not the outlier

@@ -14,7 +14,8 @@ allocation interpolates:
   timing, in milliseconds, of the layer as :func:`norton.optimize_for_inference` runs it
   (BatchNorm folded into a bias; a CPDBlock in its fastest form, never slower than the
   dense conv since that form is always a candidate);
-- a layer's latency at any widths is the **bilinear interpolation** of its grid;
+- a layer's latency at any widths is the **bilinear interpolation** of its grid, made
+  non-decreasing in both widths first (a timing hit by load cannot make narrower layers look cheap);
   a model's is ``scale * sum(layers)``, where ``scale`` (measured model / summed layers
   of the input model) carries what the table does not time (activations, additions,
   pooling, launch overhead) in proportion.
@@ -147,9 +148,14 @@ def _runner(module: nn.Module, x: Tensor) -> Callable[[], Any]:
 
 
 def _time_candidates(candidates: Mapping[str, Callable[[], Any]], device: torch.device) -> dict[str, float]:
-    """Median milliseconds of each callable, timed interleaved (the one place the table times anything)."""
+    """Fastest milliseconds of each callable, timed interleaved (the one place the table times anything).
+
+    The minimum, not the median: a layer runs for a fraction of a millisecond, and on a loaded
+    machine a descheduled thread adds whole time slices to most of its runs (points 100x their
+    neighbours were seen with medians on this project's shared 2-core VM); load only ever adds time.
+    """
     stats = compare_callables(candidates, warmup=2, repeats=POINT_REPEATS, max_time_s=0.5, device=device)
-    return {name: s.median_ms for name, s in stats.items()}
+    return {name: s.min_ms for name, s in stats.items()}
 
 
 class LatencyTable:
@@ -271,6 +277,9 @@ class ChoiceLatency:
             a_in, a_out = axes_in[leaf], axes_out[leaf]
             points = [(config, i, o) for i in a_in for o in a_out]
             values = torch.tensor(table.latencies(points), dtype=torch.float64).view(len(a_in), len(a_out))
+            # A wider layer is never faster: each point is at most every wider one (an outlier timing stays
+            # in the file but cannot make its neighbours look cheap).
+            values = values.flip(0).cummin(0).values.flip(0).flip(1).cummin(1).values.flip(1)
             values = torch.cat([values, values[:, -1:].expand(-1, size - len(a_out))], 1)
             return torch.cat([values, values[-1:].expand(size - len(a_in), -1)], 0)
 
