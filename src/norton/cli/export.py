@@ -138,7 +138,8 @@ def run(args: argparse.Namespace) -> int:
     if args.optimize:
         from norton.deploy.optimize import optimize_for_inference
 
-        model = optimize_for_inference(model, example)
+        # Forms are timed in the runtime that will run the file: ONNX Runtime's fusions differ from PyTorch's.
+        model = optimize_for_inference(model, example, runtime="onnxruntime" if args.format == "onnx" else "torch")
     output = default_output(args, model)
     try:
         if args.format == "onnx":
