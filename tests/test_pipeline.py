@@ -104,6 +104,24 @@ def test_a_budget_alone_runs_auto_compress_in_one_fine_tuned_stage(tiny_loaders,
     torch.testing.assert_close(loaded(x), result.model.eval()(x), rtol=1e-4, atol=1e-5)
 
 
+def test_a_latency_budget_reaches_auto_compress(tiny_loaders, monkeypatch):
+    import norton.auto
+
+    seen = {}
+
+    def fake_auto_compress(model, example, **kwargs):
+        seen.update(kwargs)
+        return norton.prune(model, example, ratio=0.5, criterion="l1")
+
+    monkeypatch.setattr(norton.auto, "auto_compress", fake_auto_compress)
+    result = compress(
+        create_model("resnet_20"), tiny_loaders, input_size=(3, 32, 32), rank=None, target_latency="5ms",
+        prune_finetune=FineTune(epochs=0), device="cpu", progress=False, log=lambda m: None,
+    )
+    assert seen["target_latency"] == "5ms" and "target_macs" not in seen
+    assert [stage["name"] for stage in result.stages] == ["baseline", "auto"]
+
+
 @pytest.mark.parametrize("method", ["tucker2", "cp-layer", "svd"])
 def test_other_decompositions_run_through_the_pipeline(tiny_loaders, method):
     result = compress(

@@ -82,6 +82,7 @@ def compress(
     compress_rate: str | Sequence[float] | None = None,
     ratio: float | Mapping[str, float] | None = None,
     target_macs: float | None = None,
+    target_latency: float | str | None = None,
     criterion: str | None = None,
     round_to: int | None = None,
     order: str | None = None,
@@ -107,6 +108,9 @@ def compress(
         compress_rate, ratio, target_macs: how much to prune (at most one; none skips
             pruning). ``target_macs`` is the fraction of the *original* model's MACs
             the final model keeps, whatever the order.
+        target_latency: instead of ``target_macs``, a latency budget for ``order="auto"``: a fraction
+            of the model's latency or ``"12ms"``, measured at batch 1 on the run's device
+            (:func:`norton.auto_compress`, docs/latency.md).
         decompose_method: ``"cp-filter"`` (NORTON's CPDBlocks), ``"tucker2"``, ``"cp-layer"`` or ``"svd"``
             (:mod:`norton.decomposition.methods`).
         criterion: pruning criterion name (``pabs``, ``csa``, ``vbd``, ``l1``, ``random``, ...);
@@ -123,11 +127,13 @@ def compress(
         output_dir: where stage folders go; ``None`` writes nothing (no resume).
         resume: continue a killed run in ``output_dir``.
     """
-    order = resolve_order(order, rank=rank, compress_rate=compress_rate, ratio=ratio, target_macs=target_macs)
+    order = resolve_order(order, rank=rank, compress_rate=compress_rate, ratio=ratio, target_macs=target_macs,
+                          target_latency=target_latency)
     criterion = resolve_criterion(criterion, order)
     amounts = check_compress_arguments(
         rank=rank, compress_rate=compress_rate, ratio=ratio, target_macs=target_macs, criterion=criterion,
         round_to=round_to, order=order, decompose_finetune=decompose_finetune, prune_finetune=prune_finetune,
+        target_latency=target_latency,
     )
     shape = check_input_size(input_size)
     input_size = shape[1:] if len(shape) == 4 else shape  # one sample: (C, H, W)
@@ -174,9 +180,9 @@ def compress(
     def auto_step(m: nn.Module) -> nn.Module:
         from norton.auto import auto_compress
 
-        assert target_macs is not None  # check_compress_arguments requires it for "auto"
-        return auto_compress(m, example, target_macs=target_macs, calibration=loaders.train, criterion=criterion,
-                             progress=progress)
+        # check_compress_arguments requires exactly one of the two budgets for "auto"
+        budget = {"target_latency": target_latency} if target_latency is not None else {"target_macs": target_macs}
+        return auto_compress(m, example, calibration=loaders.train, criterion=criterion, progress=progress, **budget)
 
     steps: list[tuple[str, Callable[[nn.Module], nn.Module], FineTune]] = []
     do_prune = bool(amounts)

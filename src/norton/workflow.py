@@ -91,6 +91,7 @@ def run_compression(
     compress_rate: str | Sequence[float] | None = None,
     ratio: float | Mapping[str, float] | None = None,
     target_macs: float | None = None,
+    target_latency: float | str | None = None,
     criterion: str | None = None,
     round_to: int | None = None,
     order: str | None = None,
@@ -146,12 +147,14 @@ def run_compression(
         check_int(train_limit, "train_limit")
     if dataset is not None and splits is None and dataset not in DATASETS:
         raise UserError(f"unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}")
-    order = resolve_order(order, rank=rank, compress_rate=compress_rate, ratio=ratio, target_macs=target_macs)
+    order = resolve_order(order, rank=rank, compress_rate=compress_rate, ratio=ratio, target_macs=target_macs,
+                          target_latency=target_latency)
     criterion = resolve_criterion(criterion, order)
     # Last of the checks: a pruning criterion is looked up in its registry, which imports torch.
     amounts = check_compress_arguments(
         rank=rank, compress_rate=compress_rate, ratio=ratio, target_macs=target_macs, criterion=criterion,
         round_to=round_to, order=order, decompose_finetune=decompose_finetune, prune_finetune=prune_finetune,
+        target_latency=target_latency,
     )
     output = Path(output_dir).expanduser()
     check_compress_output(output, resume=resume)
@@ -218,7 +221,7 @@ def run_compression(
     final_path = save(result.model, output / "compressed.pt", dataset=splits.name, stages=result.stages)
     summary: dict[str, Any] = {
         "command": title, "arch": name, "dataset": splits.name, "rank": rank, "compress_rate": compress_rate,
-        "ratio": ratio, "target_macs": target_macs, "criterion": criterion, "round_to": round_to, "order": order,
+        "ratio": ratio, "target_macs": target_macs, "target_latency": target_latency, "criterion": criterion, "round_to": round_to, "order": order,
         "decompose_method": decompose_method,
         "decompose_finetune": asdict(decompose_finetune or FineTune()),
         "prune_finetune": asdict(prune_finetune or FineTune()),

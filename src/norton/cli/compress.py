@@ -20,7 +20,6 @@ with the uncompressed model teaching every fine-tuning stage (knowledge distilla
 from __future__ import annotations
 
 import argparse
-import inspect
 from pathlib import Path
 from typing import Any
 
@@ -95,9 +94,6 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "target_latency", None) is not None:
         parse_target_latency(args.target_latency)  # a typo is refused here, before torch is imported
         budget["target_latency"] = args.target_latency
-        if not _takes("target_latency", run_compression):
-            raise UserError("--target-latency needs norton.workflow.run_compression(target_latency=...), which this "
-                            "version lacks; use norton.auto_compress(model, x, target_latency=...) from Python")
     summary = run_compression(
         model_file=args.ckpt, arch=args.arch, dataset=args.dataset, data_dir=args.data_dir, limit=args.limit,
         val_size=args.val_size, download=args.download, batch_size=args.batch_size, workers=args.workers,
@@ -111,12 +107,6 @@ def run(args: argparse.Namespace) -> int:
     )
     print_summary(summary, as_json=args.json)
     return 0
-
-
-def _takes(name: str, function: Any) -> bool:
-    """Whether ``function`` accepts the keyword ``name`` (directly or through ``**kwargs``)."""
-    parameters = inspect.signature(function).parameters
-    return name in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
 
 
 def default_output(arch: str | None, ckpt: str | None) -> str:
