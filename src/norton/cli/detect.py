@@ -301,13 +301,13 @@ def _register_demo(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", "-o", default="runs/detect-demo", help="folder (default runs/detect-demo)")
     parser.add_argument("--quick", action="store_true", help="a tiny version (seconds; for tests)")
     parser.add_argument("--parts", nargs="+", default=None, choices=("body", "fpn", "rpn", "box_head"),
-                        help="detector parts to compress (default: body): body/fpn/rpn CP-decomposed, box_head "
-                             "by a rank-64 SVD; the body is also pruned")
+                        help="detector parts to compress (default: all four; --quick: body): body/fpn/rpn "
+                             "CP-decomposed, box_head by a rank-64 SVD; the body is also pruned")
     group = parser.add_argument_group("settings", "defaults: docs/detection.md (a folder keeps the settings it was "
                                                   "started with)")
     group.add_argument("--train-images", dest="train_images", type=int, default=None, help="default 400")
     group.add_argument("--baseline-epochs", dest="baseline_epochs", type=int, default=None, help="default 3")
-    group.add_argument("--finetune-epochs", dest="finetune_epochs", type=int, default=None, help="default 1")
+    group.add_argument("--finetune-epochs", dest="finetune_epochs", type=int, default=None, help="default 4")
     group.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=None, help="default 8")
     group.add_argument("--lr", dest="baseline_lr", type=float, default=None, help="baseline lr (default 0.01: 0.02 x 8 / 16, the reference's scaling)")
     group.add_argument("--finetune-lr", dest="finetune_lr", type=float, default=None, help="default 0.01")
