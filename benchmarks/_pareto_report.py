@@ -6,7 +6,6 @@ filled piece by piece. The baseline is one record too (method ``"baseline"``, bu
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 import statistics
@@ -15,6 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from _common import read_results  # noqa: F401  (the results file's reader, shared with bench_methods)
 from norton.io import append_jsonl, atomic_write_text
 
 KEY_FIELDS = ("model", "method", "budget", "seed", "epochs", "distill")
@@ -35,24 +35,6 @@ def record_key(record: Mapping[str, Any]) -> tuple[Any, ...]:
     """The identity of one result (budgets compared at 1e-6, so 0.3 and 0.30000000001 are one key)."""
     return (record["model"], record["method"], round(float(record["budget"]), 6), int(record["seed"]),
             int(record["epochs"]), bool(record.get("distill", False)))
-
-
-def read_results(path: Path) -> list[dict[str, Any]]:
-    """The records of ``path`` (none when it does not exist); a torn last line from a killed run is skipped."""
-    if not path.is_file():
-        return []
-    records = []
-    lines = path.read_text().splitlines()
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if number == len(lines):  # written while the process was killed: that run is redone
-                continue
-            raise ValueError(f"{path}:{number} is not a JSON object: fix or delete that line") from None
-    return records
 
 
 def done_keys(records: Iterable[Mapping[str, Any]]) -> set[tuple[Any, ...]]:

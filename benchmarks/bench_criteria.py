@@ -26,6 +26,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 from norton.decomposition.cpd_block import CPDBlock  # noqa: E402
+from norton.deploy.timing import cpu_model  # noqa: E402
 from norton.pruning.angles import _eigvalsh, _subspace_basis  # noqa: E402
 from norton.pruning.criteria import (  # noqa: E402
     SubspaceCriterion,
@@ -83,14 +84,7 @@ def loop_greedy(distance: torch.Tensor) -> list[int]:
 
 
 def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+    return cpu_model() or platform.processor() or "unknown CPU"
 
 
 def main() -> None:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import platform
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -43,6 +42,7 @@ import torch
 from torch import Tensor, nn
 
 import norton
+from _common import cpu_name, parse_list, read_results  # next to this file, first on sys.path when it runs
 from norton.decomposition.decompose import eligible_convs
 from norton.decomposition.methods import METHODS, layer_macs
 from norton.errors import UserError
@@ -211,25 +211,6 @@ def record_key(record: Mapping[str, Any]) -> tuple[Any, ...]:
     return (record["method"], round(float(record["budget"]), 6), record["variant"], int(record["seed"]))
 
 
-def read_results(path: Path) -> list[dict[str, Any]]:
-    """The records of ``path`` (none when missing); a torn last line (a killed write) is dropped."""
-    import json
-
-    if not path.is_file():
-        return []
-    lines = path.read_text().splitlines()
-    records = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if number != len(lines):
-                raise UserError(f"{path}:{number} is not a JSON object: fix or delete that line") from None
-    return records
-
-
 def run_missing(keys: Iterable[Mapping[str, Any]], path: Path, run_one: Callable[[dict[str, Any]], dict[str, Any]],
                 log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Run ``run_one(key)`` for every key not in ``path`` yet, appending each record as it finishes."""
@@ -298,32 +279,11 @@ def environment_line(records: Iterable[Mapping[str, Any]]) -> str:
 
 
 # ------------------------------------------------------------------ running
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def build_data(data_dir: str | None, train_images: int, seed: int) -> Any:
     """Fashion-MNIST padded to 32x32 RGB (as ``norton demo``): ``train_images`` augmented training images, all test."""
     splits = norton.build_datasets("fashion-mnist", data_dir, val_size=0, seed=seed)
     order = torch.randperm(len(splits.train), generator=torch.Generator().manual_seed(seed))[:train_images]
     return dataclasses.replace(splits, train=torch.utils.data.Subset(splits.train, order.tolist()))
-
-
-def parse_list(text: str, kind: type, what: str) -> list[Any]:
-    try:
-        values = [kind(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise UserError(f"--{what} must be a comma-separated list of {kind.__name__}s, got {text!r}") from None
-    if not values:
-        raise UserError(f"--{what} is empty: give at least one value")
-    return values
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -26,7 +26,6 @@ import argparse
 import copy
 import inspect
 import os
-import platform
 import sys
 import time
 from datetime import UTC, datetime
@@ -39,6 +38,7 @@ from torch import nn
 import _pareto_data as data_lib  # the _pareto_* helpers: next to this file, first on sys.path when it runs
 import _pareto_report as report
 import norton
+from _common import cpu_name, parse_list
 from _pareto_methods import METHODS, MethodUnavailable, macs_fraction, unavailable
 from norton.deploy.benchmark import time_models, torch_runner
 from norton.deploy.timing import environment
@@ -51,27 +51,6 @@ DEFAULTS = {"budgets": "0.5,0.3,0.2,0.1", "methods": ",".join(METHODS), "seeds":
 # --quick: 512 training and 512 test images, one budget, two methods, one epoch (4 steps) everywhere.
 QUICK: dict[str, Any] = {"limit": 512, "budgets": "0.5", "methods": "tp-l1-uniform,paper", "seeds": "0",
                          "epochs": 1, "baseline_epochs": 1}
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def parse_list(text: str, kind: type, what: str) -> list[Any]:
-    try:
-        values = [kind(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise UserError(f"--{what} must be a comma-separated list of {kind.__name__}s, got {text!r}") from None
-    if not values:
-        raise UserError(f"--{what} is empty: give at least one value")
-    return values
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from norton.auto.costs import ChoiceMacs
-from norton.deploy.timing import compare_callables
+from norton.deploy.timing import compare_callables, cpu_model
 from norton.io import write_json
 
 CACHE_ENV = "NORTON_LATENCY_CACHE"
@@ -55,13 +55,7 @@ def device_name(device: torch.device | str) -> str:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    model = "cpu"
-    try:
-        with open("/proc/cpuinfo") as handle:
-            model = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), model)
-    except OSError:
-        pass
-    return f"{model} {torch.get_num_threads()} threads"
+    return f"{cpu_model() or 'cpu'} {torch.get_num_threads()} threads"
 
 
 def cache_path(device: torch.device | str, dtype: torch.dtype, cache: str | os.PathLike | None = None) -> Path:

@@ -171,6 +171,15 @@ def peak_memory_bytes(fn: Callable[[], Any], *, device: torch.device | str | Non
 
 
 # ------------------------------------------------------------------ environment
+def cpu_model() -> str | None:
+    """The CPU's model name from ``/proc/cpuinfo`` (Linux), ``None`` where it cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            return next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), None)
+    except OSError:
+        return None
+
+
 def environment(device: torch.device | str = "cpu") -> dict[str, Any]:
     """What a timing depends on: versions, threads, device name."""
     device = torch.device(device)
