@@ -42,13 +42,21 @@ from norton.training.checkpoint import (
     CHECKPOINT_VERSION,
     check_output_dir,
     check_same_recipe,
+    cpu_state_dict,
     load_checkpoint,
     model_record,
     plain,
     rng_state,
     set_rng_state,
 )
-from norton.training.distributed import broadcast_buffers, epoch_seed, rank_and_world, resolve_device, seed_everything
+from norton.training.distributed import (
+    broadcast_buffers,
+    epoch_seed,
+    rank_and_world,
+    resolve_device,
+    seed_everything,
+    shows_progress,
+)
 
 # The reference's defaults (torchvision references/detection/train.py).
 REFERENCE_LR = 0.02  # for REFERENCE_BATCH images per step
@@ -117,10 +125,6 @@ def images_per_batch(loader: DataLoader) -> int | None:
 # --------------------------------------------------------------------------- one epoch
 
 
-def _show_bar(progress: bool) -> bool:
-    return progress and rank_and_world()[0] == 0 and sys.stderr.isatty()
-
-
 def _to_device(images: Sequence[Tensor], targets: Sequence[Mapping[str, Any]], device: torch.device
                ) -> tuple[list[Tensor], list[dict[str, Any]]]:
     moved = [image.to(device, non_blocking=True) for image in images]
@@ -151,7 +155,7 @@ def train_one_epoch_detector(
     sums: dict[str, float] = {}
     batches = 0
     lr = optimizer.param_groups[0]["lr"]
-    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not _show_bar(progress))
+    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not shows_progress(progress))
     for step, (images, targets) in enumerate(bar):
         images, targets = _to_device(images, targets, device)
         with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
@@ -198,10 +202,6 @@ def _set_epoch(loader: DataLoader, epoch: int) -> None:
         set_epoch = getattr(part, "set_epoch", None)
         if callable(set_epoch):
             set_epoch(epoch)
-
-
-def _cpu_state(model: nn.Module) -> dict[str, Tensor]:
-    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
 def check_train_arguments(*, epochs: Any, lr: Any, momentum: Any, weight_decay: Any, lr_steps: Any,
@@ -311,7 +311,7 @@ def train_detector(
         scaler.load_state_dict(checkpoint["scaler"])
         set_rng_state(checkpoint["rng"])
         start, history, best = checkpoint["epoch"], list(checkpoint["history"]), dict(checkpoint["best"])
-        best_state = checkpoint["best_state_dict"] or _cpu_state(model_without_ddp)
+        best_state = checkpoint["best_state_dict"] or cpu_state_dict(model_without_ddp)
         if log_dir is not None:
             write_jsonl(history, log_dir / "metrics.jsonl")
     elif log_dir is not None:
@@ -328,7 +328,7 @@ def train_detector(
         improved = val_ap is None or best["val_ap"] is None or val_ap > best["val_ap"]
         if improved:
             best = {"epoch": epoch, "val_ap": val_ap}
-            best_state = _cpu_state(model_without_ddp)
+            best_state = cpu_state_dict(model_without_ddp)
         record = {"kind": "epoch", "epoch": epoch, "lr": train.pop("lr"), "train_loss": train.pop("loss"),
                   **{f"train_{key}": value for key, value in train.items()}, "val": val, "val_ap": val_ap,
                   "best_epoch": best["epoch"], "best_val_ap": best["val_ap"], "seconds": time.perf_counter() - started}
@@ -367,7 +367,7 @@ def _validate(model: nn.Module, loader: DataLoader | None, *, progress: bool) ->
     from norton.detection.evaluate import evaluate_detector
 
     broadcast_buffers(model)
-    return evaluate_detector(model, loader, progress=_show_bar(progress))
+    return evaluate_detector(model, loader, progress=shows_progress(progress))
 
 
 def _save_epoch(folder: Path, model: nn.Module, record: dict[str, Any], *, improved: bool, best: dict[str, Any],

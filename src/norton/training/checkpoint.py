@@ -72,6 +72,11 @@ def plain(value: Any) -> Any:
 # --------------------------------------------------------------------------- random generator states
 
 
+def cpu_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of ``model``'s state on the CPU (the best epoch's weights, kept while training goes on)."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
 def rng_state() -> dict[str, Any]:
     """This process's random generator states as tensors and plain numbers."""
     py_version, py_state, py_gauss = random.getstate()

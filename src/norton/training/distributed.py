@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -90,6 +91,11 @@ def rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def shows_progress(progress: bool) -> bool:
+    """Whether a progress bar is drawn: asked for, on rank 0 only, and on a terminal."""
+    return progress and rank_and_world()[0] == 0 and sys.stderr.isatty()
 
 
 def sum_over_ranks(values: Tensor) -> Tensor:

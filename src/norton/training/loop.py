@@ -42,6 +42,7 @@ from norton.training.checkpoint import (
     CHECKPOINT_VERSION,
     check_output_dir,
     check_same_recipe,
+    cpu_state_dict,
     load_checkpoint,
     model_record,
     plain,
@@ -55,6 +56,7 @@ from norton.training.distributed import (
     rank_and_world,
     resolve_device,
     seed_everything,
+    shows_progress,
     sum_over_ranks,
 )
 from norton.training.loaders import Loaders
@@ -65,10 +67,6 @@ Callback = Callable[[dict[str, Any]], None]
 
 
 # --------------------------------------------------------------------------- one epoch
-
-
-def _show_bar(progress: bool) -> bool:
-    return progress and rank_and_world()[0] == 0 and sys.stderr.isatty()
 
 
 def _topk_hits(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
@@ -118,7 +116,7 @@ def train_one_epoch(
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss_sum, top1 hits, top5 hits
     count = 0
     lr = optimizer.param_groups[0]["lr"]
-    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not _show_bar(progress))
+    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not shows_progress(progress))
     for step, (images, target) in enumerate(bar):
         images = images.to(device, non_blocking=True)
         target = target.to(device, non_blocking=True)
@@ -175,7 +173,7 @@ def evaluate(
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss_sum, top1 hits, top5 hits
     count = 0
-    for images, target in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not _show_bar(progress)):
+    for images, target in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not shows_progress(progress)):
         images = images.to(device, non_blocking=True)
         target = target.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.float16, enabled=amp and device.type == "cuda"):
@@ -385,7 +383,7 @@ def _resume_state(run: _Run) -> None:
     run.epoch, run.history, run.best = checkpoint["epoch"], list(checkpoint["history"]), dict(checkpoint["best"])
     run.best_state = checkpoint["best_state_dict"]
     if run.best_state is None:  # the last epoch was the best
-        run.best_state = _cpu_state(run.model)
+        run.best_state = cpu_state_dict(run.model)
     if run.log_dir is not None:  # a run killed after writing a metrics line but before last.pt
         write_jsonl(run.history, run.log_dir / "metrics.jsonl")
 
@@ -416,7 +414,7 @@ def _run_epoch(run: _Run, loaders: Loaders, epoch: int, *, progress: bool) -> di
     improved = val is None or run.best["val_top1"] is None or val["top1"] > run.best["val_top1"]
     if improved:
         run.best = {"epoch": epoch, "val_top1": None if val is None else val["top1"]}
-        run.best_state = _cpu_state(run.model)
+        run.best_state = cpu_state_dict(run.model)
     record.update({"best_epoch": run.best["epoch"], "best_val_top1": run.best["val_top1"],
                    "seconds": time.perf_counter() - started})
     run.history.append(record)
@@ -488,10 +486,6 @@ def _finish(run: _Run, loaders: Loaders, *, progress: bool, started: float) -> F
                 "test_top5": test["top5"], "test_samples": test["samples"]}, run.log_dir / "metrics.jsonl")
         write_json(result.to_dict(), run.log_dir / "result.json")
     return result
-
-
-def _cpu_state(model: nn.Module) -> dict[str, Tensor]:
-    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
 def _format_epoch(record: Mapping[str, Any], epochs: int) -> str:
