@@ -157,11 +157,13 @@ def _override(settings: DemoSettings, overrides: Mapping[str, Any]) -> DemoSetti
 
 def _check_settings(out: Path, settings: DemoSettings) -> None:
     """A folder holding a demo made with other settings (``--quick`` or not) is refused, not mixed."""
+    from norton.io import json_text
+
     path = out / "demo.json"
     if not path.is_file():
         return
     saved = read_json(path).get("settings")
-    if saved != json_like(dataclasses.asdict(settings)):
+    if saved != json.loads(json_text(dataclasses.asdict(settings))):  # as it reads back (tuples become lists)
         raise UserError(f"{out} holds a demo run with other settings (--quick or not, or an older norton): "
                         "pass another --out or delete the folder")
 
@@ -171,15 +173,6 @@ def read_json(path: Path) -> Any:
         return json.loads(path.read_text())
     except (OSError, ValueError) as error:
         raise UserError(f"{path} is damaged ({error}): delete it and rerun the demo") from None
-
-
-def json_like(value: Any) -> Any:
-    """``value`` as it reads back from JSON (tuples become lists)."""
-    if isinstance(value, Mapping):
-        return {str(k): json_like(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_like(v) for v in value]
-    return value
 
 
 def _demo_data(out: Path, settings: DemoSettings, fashion_mnist_dir: Any, say: Log) -> Path:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from norton.deploy.timing import synchronize
 from norton.errors import UserError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
@@ -114,11 +115,6 @@ def _caption(label: int, category_names: Sequence[str] | None) -> str:
 
 
 # ------------------------------------------------------------------ timing
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @torch.no_grad()
 def measure_fps(model: nn.Module, images: Sequence[Tensor], *, warmup: int = 2, repeats: int = 5,
                 batch_size: int = 1) -> float:
@@ -143,11 +139,11 @@ def measure_fps(model: nn.Module, images: Sequence[Tensor], *, warmup: int = 2, 
     try:
         model.eval()
         for step in range(warmup + repeats):
-            _synchronize(device)
+            synchronize(device)
             start = time.perf_counter()
             for batch in batches:
                 model(batch)
-            _synchronize(device)
+            synchronize(device)
             if step >= warmup:
                 times.append(time.perf_counter() - start)
     finally:
