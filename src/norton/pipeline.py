@@ -15,12 +15,12 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from norton.complexity import count_complexity, original_complexity
+from norton.complexity import count_complexity
 
 # Re-exported: the arguments of compress() are defined (and checked without torch) there.
 from norton.compress_arguments import (
@@ -32,6 +32,8 @@ from norton.compress_arguments import (
 )
 from norton.decomposition.cpd_block import CPDBlock
 from norton.decomposition.decompose import RankSpec, decompose, eligible_convs, replay_decompose
+from norton.detection.parts import check_parts, layers_in_parts, parts_macs
+from norton.example_inputs import takes_image_list
 from norton.limits import (
     check_input_size,
     check_rank,
@@ -51,18 +53,6 @@ class CompressionResult:
     channels: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
-def measure(
-    model: nn.Module, loaders: Loaders | None, input_size: Sequence[int], *, device: torch.device, name: str
-) -> dict[str, Any]:
-    """Test accuracy (when ``loaders`` is given), MACs and params of ``model`` as a stage record."""
-    complexity = count_complexity(model, tuple(input_size))
-    record: dict[str, Any] = {"name": name, "macs": int(complexity.macs), "params": int(complexity.params)}
-    if loaders is not None:
-        metrics = evaluate(model.to(device), loaders.test, device=device)
-        record.update(top1=metrics["top1"], top5=metrics["top5"], test_loss=metrics["loss"])
-    return record
-
-
 def output_channels(model: nn.Module) -> dict[str, int]:
     """``{layer: out_channels}`` for every CPDBlock and plain conv (not those inside blocks)."""
     inside = {f"{name}.{child}" for name, m in model.named_modules() if isinstance(m, CPDBlock) for child, _ in m.named_modules() if child}
@@ -71,6 +61,78 @@ def output_channels(model: nn.Module) -> dict[str, int]:
         for name, m in model.named_modules()
         if isinstance(m, (CPDBlock, nn.Conv2d)) and name not in inside
     }
+
+
+class Task(Protocol):
+    """What a stage needs from the kind of model: its score, its fine-tuning and its complexity.
+
+    :class:`ClassificationTask` (top-1 with :func:`norton.fit`) and
+    :class:`norton.detection.task.DetectionTask` (COCO AP with ``train_detector``).
+    """
+
+    metric: str  # the stage record's key of the score ("top1", "AP")
+    label: str  # how the score is named in the log ("top-1", "AP")
+
+    def example(self) -> Any:
+        """Example inputs to trace the model on (a batch tensor, or a detector's list of images)."""
+        ...
+
+    def before_split(self) -> str:
+        """The split that scores a stage's model before fine-tuning ("validation" or "test")."""
+        ...
+
+    def score(self, model: nn.Module, *, before: bool) -> dict[str, Any]:
+        """The record's scores on the test split (``before``: on :meth:`before_split`), ``metric`` among them."""
+        ...
+
+    def fine_tune(self, model: nn.Module, recipe: FineTune, folder: Path | None, *, resume: bool, seed: int,
+                  stage: str, teacher: nn.Module | None) -> None:
+        """Fine-tune ``model`` in place by ``recipe``, checkpointing into ``folder`` (resumable)."""
+        ...
+
+    def complexity(self, model: nn.Module) -> dict[str, int]:
+        """``{"macs": ..., "params": ...}`` of ``model``."""
+        ...
+
+
+@dataclass
+class ClassificationTask:
+    """Top-1 on the loaders' splits, fine-tuning by :func:`norton.fit`, MACs on one ``(C, H, W)`` image."""
+
+    loaders: Loaders
+    input_size: tuple[int, ...]
+    device: torch.device
+    progress: bool = True
+    metric: str = "top1"
+    label: str = "top-1"
+
+    def example(self) -> torch.Tensor:
+        return torch.zeros(1, *self.input_size)
+
+    def before_split(self) -> str:
+        return "validation" if self.loaders.val is not None else "test"
+
+    def score(self, model: nn.Module, *, before: bool) -> dict[str, Any]:
+        # Before fine-tuning only the validation split is scored: it is smaller, and the number
+        # only says how much the step itself cost.
+        loader = self.loaders.val if before and self.loaders.val is not None else self.loaders.test
+        metrics = evaluate(model.to(self.device), loader, device=self.device)
+        return {"top1": metrics["top1"], "top5": metrics["top5"], "test_loss": metrics["loss"]}
+
+    def fine_tune(self, model: nn.Module, recipe: FineTune, folder: Path | None, *, resume: bool, seed: int,
+                  stage: str, teacher: nn.Module | None) -> None:
+        fit(
+            model, self.loaders, epochs=recipe.epochs, lr=recipe.lr, momentum=recipe.momentum,
+            weight_decay=recipe.weight_decay, warmup_epochs=recipe.warmup_epochs,
+            label_smoothing=recipe.label_smoothing, amp=recipe.amp, teacher=teacher,
+            distill_alpha=recipe.distill_alpha, distill_temperature=recipe.distill_temperature,
+            device=self.device, output_dir=folder, resume=resume, seed=seed, progress=self.progress,
+            args={"stage": stage},
+        )
+
+    def complexity(self, model: nn.Module) -> dict[str, int]:
+        counted = count_complexity(model, tuple(self.input_size))
+        return {"macs": int(counted.macs), "params": int(counted.params)}
 
 
 def compress(
@@ -95,14 +157,20 @@ def compress(
     seed: int = 0,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    detector_parts: Sequence[str] | None = None,
 ) -> CompressionResult:
     """Compress a trained ``model`` with NORTON and fine-tune after each step.
 
     Args:
-        model: a trained model (it is not modified; a copy is compressed).
+        model: a trained model (it is not modified; a copy is compressed): a classifier, or a
+            torchvision detector (:func:`norton.detection.create_detector`), whose stages are scored
+            by COCO AP and fine-tuned by :func:`norton.detection.train.train_detector`
+            (:class:`norton.detection.task.DetectionTask`; ``detector_parts`` says what is compressed).
         loaders: train/val/test loaders; the best fine-tuning epoch is chosen on
-            ``val``, the reported accuracies are on ``test``.
-        input_size: ``(C, H, W)`` of one image, for MACs and tracing.
+            ``val``, the reported accuracies are on ``test``. A detector's are detection loaders
+            (:func:`norton.detection.coco.detection_loader`).
+        input_size: ``(C, H, W)`` of one image, for MACs and tracing (a detector: ``(3, S, S)``, the
+            square image side the MACs are counted at).
         rank: the decomposition's rank (an int, a Tucker-2 pair, a spec such as ``"vbmf"``, a mapping or
             a rule, see :func:`norton.decomposition.decompose.decompose`); ``None`` skips decomposition.
         compress_rate, ratio, target_macs: how much to prune (at most one; none skips
@@ -126,6 +194,7 @@ def compress(
             before the first stage) as its teacher.
         output_dir: where stage folders go; ``None`` writes nothing (no resume).
         resume: continue a killed run in ``output_dir``.
+        detector_parts: a detector's parts to compress (default its body; :mod:`norton.detection.parts`).
     """
     order = resolve_order(order, rank=rank, compress_rate=compress_rate, ratio=ratio, target_macs=target_macs,
                           target_latency=target_latency)
@@ -143,21 +212,34 @@ def compress(
     device = resolve_device(device)
     decompose_finetune = decompose_finetune or FineTune()
     prune_finetune = prune_finetune or FineTune()
-    example = torch.zeros(1, *input_size)
+    task: Task
+    if takes_image_list(model):
+        from norton.detection.task import DetectionTask
+
+        task = DetectionTask(loaders, input_size, device, progress=progress)
+        task.check(decompose_finetune, prune_finetune, order=order, target_latency=target_latency,
+                   compress_rate=compress_rate)
+        parts = check_parts(model, detector_parts)
+    else:
+        task = ClassificationTask(loaders, tuple(input_size), device, progress=progress)
+        parts = check_parts(model, detector_parts)  # UserError: detector_parts given for a classifier
+    example = task.example()
 
     model = copy.deepcopy(model).to("cpu")
     # Knowledge distillation's teacher: the uncompressed model, frozen before any stage changes its copy.
     distill = any(f.distill and f.epochs > 0 for f in (decompose_finetune, prune_finetune))
     teacher = copy.deepcopy(model).eval().requires_grad_(False) if distill else None
-    baseline = measure(model, loaders, input_size, device=device, name="baseline")
+    baseline = {"name": "baseline", **task.complexity(model), **task.score(model, before=False)}
     model.to("cpu")
     stages = [baseline]
     channels = {"baseline": output_channels(model)}
-    log(f"baseline: test top-1 {baseline['top1']:.2f}%  MACs {baseline['macs']:,}  params {baseline['params']:,}")
+    log(f"baseline: test {task.label} {baseline[task.metric]:.2f}%  MACs {baseline['macs']:,}  "
+        f"params {baseline['params']:,}")
 
     def decompose_step(m: nn.Module) -> nn.Module:
         assert rank is not None  # the step is only added with a rank
-        decompose(m, rank, method=decompose_method, example_inputs=example, seed=seed, progress=progress)
+        decompose(m, rank, method=decompose_method, example_inputs=example, seed=seed, progress=progress,
+                  detector_parts=parts)
         return m
 
     def prune_step(m: nn.Module) -> nn.Module:
@@ -168,21 +250,22 @@ def compress(
             # MACs again: prune to target / (MACs after / before decomposing) to end at target.
             goal = target_macs
             if order == "prune-decompose" and rank is not None:
-                goal = target_macs / _decomposition_ratio(m, rank, input_size, decompose_method)
-            original = original_complexity(m, input_size).macs
-            current = count_complexity(m, input_size).macs
+                goal = target_macs / _decomposition_ratio(m, rank, example, decompose_method, parts)
+            original = parts_macs(m, example, parts, original=True)
+            current = parts_macs(m, example, parts)
             if goal >= 1 or current <= goal * original:
                 log(f"prune: the model is already at {current / original:.1%} of the original's MACs; nothing to prune")
                 return m
             amount["target_macs"] = goal
-        return _prune(m, example, criterion=criterion, round_to=round_to, **amount)
+        return _prune(m, example, criterion=criterion, round_to=round_to, detector_parts=parts, **amount)
 
     def auto_step(m: nn.Module) -> nn.Module:
         from norton.auto import auto_compress
 
         # check_compress_arguments requires exactly one of the two budgets for "auto"
         budget = {"target_latency": target_latency} if target_latency is not None else {"target_macs": target_macs}
-        return auto_compress(m, example, calibration=loaders.train, criterion=criterion, progress=progress, **budget)
+        return auto_compress(m, example, calibration=loaders.train, criterion=criterion, progress=progress,
+                             detector_parts=parts, **budget)
 
     steps: list[tuple[str, Callable[[nn.Module], nn.Module], FineTune]] = []
     do_prune = bool(amounts)
@@ -201,8 +284,8 @@ def compress(
 
     for name, step, recipe in steps:
         model, record = _run_stage(
-            name, model, step, recipe, loaders, input_size, out=out, resume=resume, device=device, seed=seed,
-            progress=progress, log=log, teacher=teacher if recipe.distill else None,
+            name, model, step, recipe, task, out=out, resume=resume, seed=seed, log=log,
+            teacher=teacher if recipe.distill else None,
         )
         stages.append(record)
         channels[name] = output_channels(model)
@@ -226,14 +309,11 @@ def _run_stage(
     model: nn.Module,
     step: Callable[[nn.Module], nn.Module],
     recipe: FineTune,
-    loaders: Loaders,
-    input_size: Sequence[int],
+    task: Task,
     *,
     out: Path | None,
     resume: bool,
-    device: torch.device,
     seed: int,
-    progress: bool,
     log: Callable[[str], None],
     teacher: nn.Module | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
@@ -249,35 +329,26 @@ def _run_stage(
         model = step(model)
         if folder is not None:
             save(model, folder / "start.pt", stage=name)
-    split = "validation" if loaders.val is not None else "test"
+    split = task.before_split()
     # Training forms compute the same function faster (e.g. one dense conv rebuilt
     # from the factors); they serve the evaluations too, and are undone before
     # the MACs are counted and the model is saved.
-    forms = _use_training_forms(model, input_size, device)
+    forms = _use_training_forms(model, task) if isinstance(task, ClassificationTask) else {}
     try:
-        # Before fine-tuning only the validation split is scored: it is smaller, and
-        # the number only says how much the step itself cost.
-        before = evaluate(model.to(device), loaders.val if loaders.val is not None else loaders.test, device=device)
-        log(f"{name}: {split} top-1 {before['top1']:.2f}% before fine-tuning")
+        before = task.score(model, before=True)
+        log(f"{name}: {split} {task.label} {before[task.metric]:.2f}% before fine-tuning")
         if recipe.epochs > 0:
-            fit(
-                model, loaders, epochs=recipe.epochs, lr=recipe.lr, momentum=recipe.momentum,
-                weight_decay=recipe.weight_decay, warmup_epochs=recipe.warmup_epochs,
-                label_smoothing=recipe.label_smoothing, amp=recipe.amp, teacher=teacher,
-                distill_alpha=recipe.distill_alpha, distill_temperature=recipe.distill_temperature,
-                device=device, output_dir=folder,
-                resume=resume and folder is not None and (folder / "last.pt").exists(), seed=seed,
-                progress=progress, args={"stage": name},
-            )
-        test = evaluate(model.to(device), loaders.test, device=device)
+            task.fine_tune(model, recipe, folder, resume=resume and folder is not None and (folder / "last.pt").exists(),
+                           seed=seed, stage=name, teacher=teacher)
+        test = task.score(model, before=False)
     finally:
         _restore_forms(model, forms)
     model.to("cpu")
-    record = measure(model, None, input_size, device=device, name=name)
-    record.update(top1=test["top1"], top5=test["top5"], test_loss=test["loss"])
-    record.update({f"{split}_top1_before_finetune": before["top1"], "finetune_epochs": recipe.epochs,
+    record: dict[str, Any] = {"name": name, **task.complexity(model), **test}
+    record.update({f"{split}_{task.metric}_before_finetune": before[task.metric], "finetune_epochs": recipe.epochs,
                    "seconds": time.perf_counter() - started})
-    log(f"{name}: test top-1 {record['top1']:.2f}% after {recipe.epochs} fine-tuning epoch(s), MACs {record['macs']:,}")
+    log(f"{name}: test {task.label} {record[task.metric]:.2f}% after {recipe.epochs} fine-tuning epoch(s), "
+        f"MACs {record['macs']:,}")
     if folder is not None:
         save(model, folder / "final.pt", stage=record)
     return model, record
@@ -289,24 +360,25 @@ def _prune(model: nn.Module, example: torch.Tensor, **kwargs: Any) -> nn.Module:
     return prune(model, example, **kwargs)
 
 
-def _decomposition_ratio(model: nn.Module, rank: RankSpec, input_size: Sequence[int], method: str) -> float:
-    """MACs after / before decomposing ``model`` at ``rank``, from structure alone (no ALS)."""
+def _decomposition_ratio(model: nn.Module, rank: RankSpec, example: Any, method: str,
+                         parts: Sequence[str] | None = None) -> float:
+    """MACs after / before decomposing ``model`` at ``rank`` (of a detector's ``parts``), from structure alone."""
     if not isinstance(rank, int):
         return 1.0  # rules pick ranks from the weights: no estimate before pruning
     probe = copy.deepcopy(model)
-    ranks = {name: rank for name in eligible_convs(probe, method=method)}
-    replay_decompose(probe, {"op": "decompose", "method": method, "ranks": ranks})
-    return count_complexity(probe, tuple(input_size)).macs / count_complexity(model, tuple(input_size)).macs
+    layers = layers_in_parts(probe, eligible_convs(probe, method=method), parts, method)
+    replay_decompose(probe, {"op": "decompose", "method": method, "ranks": dict.fromkeys(layers, rank)})
+    return parts_macs(probe, example, parts) / parts_macs(model, example, parts)
 
 
-def _use_training_forms(model: nn.Module, input_size: Sequence[int], device: torch.device) -> dict[str, str]:
+def _use_training_forms(model: nn.Module, task: ClassificationTask) -> dict[str, str]:
     """Switch CPDBlocks to their fastest training implementation (same parameters and function)."""
     if not any(isinstance(m, CPDBlock) for m in model.modules()):
         return {}
     from norton.deploy.optimize import optimize_for_training
 
-    model.to(device)
-    return optimize_for_training(model, torch.zeros(8, *input_size, device=device))
+    model.to(task.device)
+    return optimize_for_training(model, torch.zeros(8, *task.input_size, device=task.device))
 
 
 def _restore_forms(model: nn.Module, forms: Mapping[str, str]) -> None:

@@ -35,17 +35,19 @@ import torch
 from torch import Tensor, nn
 
 from norton.auto.allocation import Allocation, allocate
-from norton.auto.costs import ChoiceMacs, LayerOption, cp_filter_coefficients
+from norton.auto.costs import ChoiceMacs, LayerOption, decomposition_options, option_macs
 from norton.auto.sensitivity import Curve, Unit, decompose_unit, prune_unit, sensitivity_curves
-from norton.complexity import count_complexity, original_complexity
+from norton.complexity import count_complexity
 from norton.compress_arguments import AUTO_CRITERION, parse_target_latency
 from norton.deploy.tolerance import DTYPES, dtype_name
+from norton.detection.parts import check_parts, in_parts, parts_macs
 from norton.errors import UserError
 from norton.example_inputs import ExampleInputs, first_tensor, model_device, module_input_shapes
 from norton.limits import check_int, check_target_macs
 
 FRACTIONS = (0.75, 0.5, 0.25, 0.125)  # kept fractions of a group whose output change is measured
 RANKS = (4, 2, 1)  # CP ranks tried per 3x3 convolution (rank 4 costs about half of it)
+METHODS = ("cp-filter", "tucker2", "cp-layer", "svd")  # decompositions offered per layer by default (docs/auto_compress.md)
 MACS_TOLERANCE = 0.02
 _ROUND_TO_CUDA = 8  # with a latency budget on CUDA, kept widths are multiples of 8 (tensor-core tiles)
 
@@ -59,7 +61,8 @@ class AutoReport:
     macs_after: int
     predicted_change: float
     widths: dict[str, tuple[int, int]] = field(default_factory=dict)  # group's first layer -> (kept, of)
-    ranks: dict[str, int] = field(default_factory=dict)
+    ranks: dict[str, Any] = field(default_factory=dict)  # decomposed layer -> rank ((R1, R2) for tucker2)
+    methods: dict[str, str] = field(default_factory=dict)  # decomposed layer -> its method ("cp-filter", "tucker2", ...)
     recovery: dict[str, Any] = field(default_factory=dict)
     # With target_latency (milliseconds, optimize_for_inference's form, measured on example_inputs' device
     # and batch): the target, the input model's latency and the result's (the last timing, interleaved),
@@ -80,12 +83,14 @@ def auto_compress(
     target_latency: float | str | None = None,
     calibration: Iterable[Any],
     criterion: str = AUTO_CRITERION,
+    methods: Sequence[str] | None = None,
     ranks: Sequence[int] = RANKS,
     fractions: Sequence[float] = FRACTIONS,
     sensitivity_images: int = 128,
     samples: int = 4,
     calibration_images: int = 512,
     ignored_layers: Iterable[str | nn.Module] = (),
+    detector_parts: Sequence[str] | None = None,
     recover: bool = True,
     progress: bool = True,
     latency_dtype: torch.dtype | str = torch.float32,
@@ -109,12 +114,24 @@ def auto_compress(
         calibration: an iterable of batches, each an input tensor ``(B, ...)`` or an
             ``(input, target)`` pair (targets are ignored); a few hundred images suffice.
         criterion: which channels a group loses (a registered pruning criterion).
-        ranks: CP ranks tried for each convolution with a kernel larger than 1x1.
+        methods: the decompositions each convolution with a kernel larger than 1x1 may get, any of
+            ``"cp-filter"``, ``"tucker2"``, ``"cp-layer"``, ``"svd"`` (each at a few ranks,
+            :func:`norton.auto.costs.decomposition_options`); the allocation picks one per layer, or
+            keeps it dense. Default :data:`METHODS` (``("cp-filter",)`` with ``target_latency``,
+            whose timing table knows CPDBlocks only); ``()`` prunes only.
+        ranks: cp-filter ranks tried for each convolution with a kernel larger than 1x1.
         fractions: kept fractions of each group's channels whose effect is measured.
         sensitivity_images: calibration images used to measure the sensitivity curves.
         samples: labels sampled per image from the model's prediction for the Fisher estimate.
         calibration_images: calibration images used for recovery.
         ignored_layers: layers (names or modules) whose output channels are kept.
+        detector_parts: for a torchvision detector (``example_inputs`` a list of images), the
+            parts compressed: ``"body"`` (default) and ``"fpn"`` (:mod:`norton.detection.parts`; the
+            FPN's output width, which the RoI heads read, is kept). ``target_macs`` is then a fraction
+            of those parts' MACs (the RoI heads' cost depends on the number of proposals), and the
+            sensitivity and recovery run on the FPN maps and RPN outputs
+            (:class:`norton.detection.features.DetectorFeatures`); calibration batches are lists of
+            images or ``(images, targets)`` pairs, as a detection DataLoader yields.
         recover: refit consumers and CP factors and re-estimate BatchNorm on the calibration images.
         latency_dtype: the dtype the latency is measured in (``optimize_for_inference``'s ``dtype``).
         latency_cache: the folder of the layer-latency tables (default ``$NORTON_LATENCY_CACHE``,
@@ -136,6 +153,7 @@ def auto_compress(
         latency_goal = parse_target_latency(target_latency)
         check_int(latency_passes, "latency_passes", maximum=10)
         latency_precision = dtype_name(latency_dtype)
+    offered = _check_methods(methods, latency=target_latency is not None)
     for rank in ranks:
         check_int(rank, "auto_compress rank", maximum=4096)
     for fraction in fractions:
@@ -145,18 +163,33 @@ def auto_compress(
     check_int(samples, "samples", maximum=64)
     check_int(calibration_images, "calibration_images", maximum=100_000)
     get_criterion(criterion)
-    inputs = calibration_inputs(
-        calibration, example_inputs, max_images=max(calibration_images, sensitivity_images),
-        device=model_device(model),
-    )
+    parts = check_parts(model, detector_parts)
+    if parts is not None:
+        from norton.detection.features import detector_calibration_inputs
+
+        if target_latency is not None:
+            raise UserError("auto_compress on a detector takes target_macs (a fraction of the compressed parts' "
+                            "MACs); target_latency is for classifiers")
+        if set(parts) - {"body", "fpn"}:
+            raise UserError("auto_compress compresses a detector's body and fpn; compress the rpn and heads with "
+                            "norton.prune / norton.decompose(..., detector_parts=...)")
+        if "fpn" in parts:  # its outputs feed the RoI heads, which the sensitivity does not run: kept whole
+            ignored_layers = [*_listed(ignored_layers), "backbone.fpn.layer_blocks"]
+        inputs = detector_calibration_inputs(calibration, model, max_images=max(calibration_images,
+                                             sensitivity_images), device=model_device(model))
+    else:
+        inputs = calibration_inputs(
+            calibration, example_inputs, max_images=max(calibration_images, sensitivity_images),
+            device=model_device(model),
+        )
 
     reference: tuple[nn.Module, float, float] | None = None
     if target_macs is None:  # time the input model first: a target it already meets is refused before the search
         reference = _latency_reference(model, first_tensor(example_inputs), latency_goal, DTYPES[latency_precision])
     search = _search(
-        model, example_inputs, inputs, criterion=criterion, ranks=ranks, fractions=fractions,
+        model, example_inputs, inputs, criterion=criterion, methods=offered, ranks=ranks, fractions=fractions,
         sensitivity_images=sensitivity_images, samples=samples, ignored_layers=ignored_layers, progress=progress,
-        round_to=_ROUND_TO_CUDA if reference is not None and first_tensor(example_inputs).is_cuda else None,
+        parts=parts, round_to=_ROUND_TO_CUDA if reference is not None and first_tensor(example_inputs).is_cuda else None,
     )
     calibration_batches = inputs[:_images(inputs, calibration_images)]
     if reference is not None:
@@ -165,8 +198,8 @@ def auto_compress(
     allocation = allocate(search.macs, search.prune_curves, search.decompose_curves, target * search.original,
                           tolerance=MACS_TOLERANCE)
     plan = _plan_of(search, allocation)
-    result = _apply(model, example_inputs, plan, calibration_batches, criterion, recover)
-    macs = count_complexity(result, example_inputs=example_inputs).macs
+    result = _apply(model, example_inputs, plan, calibration_batches, criterion, recover, parts)
+    macs = parts_macs(result, example_inputs, parts)
     original = plan.original_macs
     if abs(macs - target * original) > MACS_TOLERANCE * target * original:
         raise UserError(  # the MAC model is exact for conv + linear, so this is norton's fault
@@ -176,7 +209,7 @@ def auto_compress(
     result.norton_auto_report = AutoReport(  # type: ignore[assignment]
         target_macs=target, macs_before=plan.macs_before,
         macs_after=int(macs), predicted_change=allocation.cost, widths=plan.widths, ranks=plan.ranks,
-        recovery=plan.recovery,
+        methods=plan.methods, recovery=plan.recovery,
     )
     return result
 
@@ -237,7 +270,7 @@ def _latency_compress(
                 raise
             break  # the corrected goal is out of reach: keep the closest result so far
         plan = _plan_of(search, allocation)
-        result = _apply(model, example_inputs, plan, inputs, criterion, recover)
+        result = _apply(model, example_inputs, plan, inputs, criterion, recover, None)
         optimized = optimize_for_inference(result, x, device=device, dtype=dtype, memory_format=fmt)
         times = measure_models({"reference": reference, "result": optimized}, x)
         # Against the fraction asked for, the same-run ratio: load on a shared machine hits both alike.
@@ -254,7 +287,7 @@ def _latency_compress(
     macs = count_complexity(result, example_inputs=example_inputs).macs
     result.norton_auto_report = AutoReport(  # type: ignore[assignment]
         target_macs=None, macs_before=plan.macs_before, macs_after=int(macs), predicted_change=allocation.cost,
-        widths=plan.widths, ranks=plan.ranks, recovery=plan.recovery, target_latency_ms=target_ms,
+        widths=plan.widths, ranks=plan.ranks, methods=plan.methods, recovery=plan.recovery, target_latency_ms=target_ms,
         latency_before_ms=times["reference"], latency_after_ms=times["result"],
         latency_predicted_ms=allocation.macs, latency_passes=history,
         latency_table={"path": str(table.path), "points": len(table.entries), "timed": table.timed},
@@ -265,10 +298,11 @@ def _latency_compress(
 @dataclass
 class _Plan:
     widths: dict[str, tuple[int, int]]  # group's first layer -> (kept, channels), pruned groups only
-    ranks: dict[str, int]
+    ranks: dict[str, Any]  # decomposed layer -> rank ((R1, R2) for tucker2)
     original_macs: int  # the original model's (before its first norton operation), which target_macs divides
     macs_before: int  # the input model's
     recovery: dict[str, Any] = field(default_factory=dict)
+    methods: dict[str, str] = field(default_factory=dict)  # decomposed layer -> method
 
 
 def _images(inputs: Sequence[Tensor], images: int) -> int:
@@ -311,9 +345,8 @@ def _search(
     model: nn.Module, example_inputs: ExampleInputs, inputs: Sequence[Tensor], *,
     criterion: str, ranks: Sequence[int], fractions: Sequence[float], sensitivity_images: int, samples: int,
     ignored_layers: Iterable[str | nn.Module], progress: bool, round_to: int | None,
+    parts: tuple[str, ...] | None = None, methods: Sequence[str] = ("cp-filter",),
 ) -> _Search:
-    from norton.decomposition.cp_als import cp_als_many
-    from norton.decomposition.cp_tensor import cp_to_tensor
     from norton.decomposition.decompose import eligible_convs
     from norton.pruning.budget import MacModel
     from norton.pruning.criteria import get_criterion
@@ -321,32 +354,25 @@ def _search(
     from norton.pruning.groups import filter_layer, side_of, traced
     from norton.pruning.surgery import IN
 
-    work, graph, groups = traced(model, example_inputs, ignored_layers, False)
+    work, graph, groups = traced(model, example_inputs, ignored_layers, False, detector_parts=parts)
     work.eval()
     for parameter in work.parameters():
         parameter.requires_grad_(False)
-    widths = MacModel(work, example_inputs, groups)
+    inside = None if parts is None else (lambda name: in_parts(name, parts))  # a detector: its parts' MACs only
+    widths = MacModel(work, example_inputs, groups, include=inside)
     leaf_names = widths.leaf_names
     convs = {
         name: conv for name, conv in eligible_convs(work).items()
-        if name in leaf_names and isinstance(conv, nn.Conv2d)
+        if name in leaf_names and isinstance(conv, nn.Conv2d) and (inside is None or inside(name))
     }
     shapes = module_input_shapes(work, convs, example_inputs, eval_mode=True)
-    options: dict[str, list[LayerOption]] = {}
+    # Every method's options per layer; after their sensitivity, the Pareto frontier of them is kept.
+    candidates: dict[str, list[LayerOption]] = {}
     for name, conv in convs.items():
-        hw = shapes[name][-2:]
-        dense = (float(widths.weight[leaf_names.index(name)]), 0.0, 0.0, 0.0)
-        dense_macs = dense[0] * conv.out_channels * conv.in_channels
-        layer = [LayerOption("dense", None, dense)]
-        for rank in sorted(set(ranks), reverse=True):
-            coefficients = cp_filter_coefficients(conv, hw, rank)
-            block_macs = coefficients[0] * conv.out_channels * conv.in_channels + coefficients[1] * conv.out_channels
-            if block_macs < 0.8 * dense_macs and rank <= conv.in_channels * max(conv.kernel_size):
-                layer.append(LayerOption("cp-filter", rank, coefficients))
-        if len(layer) > 1:
-            options[name] = layer
-    macs = ChoiceMacs(widths, options, leaf_names)
-    original = original_complexity(model, example_inputs=example_inputs).macs
+        found = decomposition_options(conv, shapes[name][-2:], methods, ranks)
+        if found:
+            candidates[name] = found
+    original = parts_macs(model, example_inputs, parts, original=True)
 
     score = get_criterion(criterion)
     names = {module: name for name, module in work.named_modules()}
@@ -366,22 +392,121 @@ def _search(
         ]
         units.append(prune_unit(group.layers[0], torch.argsort(scores, stable=True), consumers,
                                 _group_fractions(group.channels, fractions, round_to)))
-    # One batched CP-ALS per rank over every layer that offers it (cp_als_many shares the sweeps).
-    kernels: dict[str, list[Tensor | None]] = {name: [None] for name in macs.layers}
-    for rank in sorted({o.rank for name in macs.layers for o in options[name][1:] if o.rank}, reverse=True):
-        wanted = [name for name in macs.layers if any(o.rank == rank for o in options[name][1:])]
-        fitted = cp_als_many([convs[n].weight.detach() for n in wanted], rank, n_iter_max=25, tol=1e-4)
-        for name, (factors, _) in zip(wanted, fitted, strict=True):
-            kernels[name].append(cp_to_tensor(factors).to(convs[name].weight.dtype))
-    units.extend(decompose_unit(name, convs[name], kernels[name]) for name in macs.layers)
+    # One unit per layer and method: a method's options are a chain (a lower rank never costs less).
+    kernels = _option_kernels(convs, candidates)
+    chains = [
+        (name, chain) for name, found in candidates.items()
+        for chain in ([o for o in found if o.method == m] for m in methods) if chain
+    ]
+    units.extend(
+        decompose_unit(name, convs[name], [None, *(kernels[name, o.method, o.rank] for o in chain)])
+        for name, chain in chains
+    )
     curves = iter(sensitivity_curves(
-        work, inputs[:_images(inputs, sensitivity_images)], units, samples=samples, progress=progress,
+        _calibrated(work, parts), inputs[:_images(inputs, sensitivity_images)], units, samples=samples,
+        progress=progress,
     ))
     prune_curves = [
         Curve("prune", g.layers[0], [g.channels], [0.0]) if g.protected else next(curves) for g in groups
     ]
-    decompose_curves = list(curves)
+    options, decompose_curves = _frontier(convs, widths.weight, leaf_names, chains, list(curves))
+    macs = ChoiceMacs(widths, options, leaf_names)
     return _Search(work, list(groups), options, macs, prune_curves, decompose_curves, int(original), round_to)
+
+
+def _check_methods(methods: Sequence[str] | None, *, latency: bool) -> tuple[str, ...]:
+    """The decomposition methods offered: known names, no duplicates; ``UserError`` in one line otherwise."""
+    from norton.decomposition.methods import METHODS as KNOWN
+
+    if methods is None:
+        return ("cp-filter",) if latency else METHODS
+    if isinstance(methods, str) or not isinstance(methods, Iterable):
+        raise UserError(f"auto_compress methods must be a sequence of names such as ('cp-filter', 'tucker2'), "
+                        f"got {methods!r:.40}")
+    names = tuple(dict.fromkeys(methods))
+    for name in names:
+        if name not in KNOWN:
+            raise UserError(f"unknown decomposition method {name!r:.40} in auto_compress methods; use any of "
+                            f"{', '.join(KNOWN)}")
+    if latency and set(names) - {"cp-filter"}:
+        raise UserError("target_latency predicts cp-filter blocks only: pass methods=('cp-filter',), or use "
+                        "target_macs to offer tucker2, cp-layer or svd")
+    return names
+
+
+_SWEEPS = {"cp-filter": 25, "tucker2": 10, "cp-layer": 10}  # short fits: the curves need the error's size only
+
+
+def _reconstructed(method: str, ranks: Sequence[Any], weights: list[Tensor]) -> list[list[Tensor]]:
+    """``[rank][layer]``: the kernels ``method`` at each of ``ranks`` stands for, batched over ``weights``
+    (one shape, except for cp-filter, whose batched CP-ALS takes any)."""
+    if method == "cp-filter":
+        from norton.decomposition.cp_als import cp_als_many
+        from norton.decomposition.cp_tensor import cp_to_tensor
+
+        return [[cp_to_tensor(f) for f, _ in cp_als_many(weights, r, n_iter_max=_SWEEPS[method], tol=1e-4)]
+                for r in ranks]
+    stacked = torch.stack(weights)  # (B, N, C, k_h, k_w)
+    if method == "tucker2":
+        from norton.decomposition.tucker2 import tucker2, tucker2_to_tensor
+
+        return [list(tucker2_to_tensor(tucker2(stacked, r, n_iter_max=_SWEEPS[method], tol=1e-4)[0]).unbind(0))
+                for r in ranks]
+    if method == "cp-layer":
+        from norton.decomposition.layer_cp import layer_cp, layer_cp_to_tensor
+
+        return [list(layer_cp_to_tensor(layer_cp(stacked, r, n_iter_max=_SWEEPS[method], tol=1e-4)[0]).unbind(0))
+                for r in ranks]
+    from norton.decomposition.svd import spatial_svd, spatial_svd_to_tensor
+
+    # One SVD at the highest rank: its leading r components are the rank-r truncation.
+    vertical, horizontal, _ = spatial_svd(stacked, max(ranks))  # (B, R, C, k_h, 1), (B, N, R, 1, k_w)
+    return [list(spatial_svd_to_tensor(vertical[:, :r], horizontal[:, :, :r]).unbind(0)) for r in ranks]
+
+
+def _option_kernels(convs: dict[str, nn.Conv2d], candidates: dict[str, list[LayerOption]],
+                    ) -> dict[tuple[str, str, Any], Tensor]:
+    """Each candidate's reconstructed kernel by ``(layer, method, rank)``: one batched fit per method and rank
+    over the layers of one kernel shape and the same candidate ranks (cp-filter: over every layer)."""
+    jobs: dict[tuple[str, tuple[Any, ...], tuple[int, ...]], list[str]] = {}
+    for name, found in candidates.items():
+        for method in dict.fromkeys(o.method for o in found):
+            ranks = tuple(o.rank for o in found if o.method == method)
+            for key in ([(method, (r,), ()) for r in ranks] if method == "cp-filter"
+                        else [(method, ranks, tuple(convs[name].weight.shape))]):
+                jobs.setdefault(key, []).append(name)
+    kernels = {}
+    for (method, ranks, _), names in jobs.items():
+        fitted = _reconstructed(method, ranks, [convs[n].weight.detach() for n in names])
+        for rank, layers in zip(ranks, fitted, strict=True):
+            for name, kernel in zip(names, layers, strict=True):
+                kernels[name, method, rank] = kernel.to(convs[name].weight.dtype)
+    return kernels
+
+
+def _frontier(
+    convs: dict[str, nn.Conv2d], dense_weight: Tensor, leaf_names: Sequence[str],
+    chains: Sequence[tuple[str, list[LayerOption]]], curves: Sequence[Curve],
+) -> tuple[dict[str, list[LayerOption]], list[Curve]]:
+    """Per layer, dense then the options no other beats on both MACs (at full widths) and output change,
+    most MACs first, with their curve: the allocator moves along it one way."""
+    points: dict[str, list[tuple[float, float, LayerOption]]] = {}
+    for (name, chain), curve in zip(chains, curves, strict=True):
+        points.setdefault(name, []).extend(
+            (option_macs(o, convs[name]), cost, o) for o, cost in zip(chain, curve.costs[1:], strict=True))
+    options: dict[str, list[LayerOption]] = {}
+    frontier_curves = []
+    for name, found in points.items():
+        kept, least = [], float("inf")
+        for _, cost, option in sorted(found, key=lambda p: (p[0], p[1])):  # fewest MACs first
+            if cost <= least:  # more MACs must buy a smaller change (ties kept: one method's chain is unchanged)
+                kept.append((cost, option))
+                least = cost
+        kept.reverse()
+        dense = LayerOption("dense", None, (float(dense_weight[leaf_names.index(name)]), 0.0, 0.0, 0.0))
+        options[name] = [dense, *(option for _, option in kept)]
+        frontier_curves.append(Curve("decompose", name, list(range(len(kept) + 1)), [0.0, *(c for c, _ in kept)]))
+    return options, frontier_curves
 
 
 def _plan_of(search: _Search, allocation: Allocation) -> _Plan:
@@ -397,12 +522,26 @@ def _plan_of(search: _Search, allocation: Allocation) -> _Plan:
         option = search.options[name][index]
         if option.rank is not None:
             plan.ranks[name] = option.rank
+            plan.methods[name] = option.method
     return plan
+
+
+def _listed(layers: Iterable[str | nn.Module]) -> list[str | nn.Module]:
+    return [layers] if isinstance(layers, (str, nn.Module)) else list(layers)
+
+
+def _calibrated(model: nn.Module, parts: tuple[str, ...] | None) -> nn.Module:
+    """What the calibration batches run through: the model, or a detector's FPN and RPN outputs."""
+    if parts is None:
+        return model
+    from norton.detection.features import DetectorFeatures
+
+    return DetectorFeatures(model)
 
 
 def _apply(
     model: nn.Module, example_inputs: ExampleInputs, plan: _Plan, inputs: Sequence[Tensor], criterion: str,
-    recover: bool,
+    recover: bool, parts: tuple[str, ...] | None = None,
 ) -> nn.Module:
     """Prune to the chosen widths, recover, decompose at the chosen ranks, recover; a new model."""
     from norton.decomposition.decompose import decompose
@@ -412,21 +551,23 @@ def _apply(
     if plan.widths:
         # int(C * (1 - ratio)) must give exactly the kept width: aim half a channel above it.
         ratio = {layer: (channels - kept - 0.5) / channels for layer, (kept, channels) in plan.widths.items()}
-        prune(result, example_inputs, ratio=ratio, criterion=criterion)
+        prune(result, example_inputs, ratio=ratio, criterion=criterion, detector_parts=parts)
         if recover:
             from norton.recovery import recalibrate_batchnorm, refit_pruned_consumers
 
-            errors = refit_pruned_consumers(model, result, inputs)
-            recalibrate_batchnorm(result, inputs)
+            errors = refit_pruned_consumers(_calibrated(model, parts), _calibrated(result, parts), inputs)
+            recalibrate_batchnorm(_calibrated(result, parts), inputs)
             plan.recovery["pruned_consumers"] = len(errors)
     if plan.ranks:
         pruned = copy.deepcopy(result) if recover else None
-        decompose(result, dict(plan.ranks), progress=False)
+        for method in dict.fromkeys(plan.methods.values()):  # one plan record per method
+            chosen = {name: rank for name, rank in plan.ranks.items() if plan.methods[name] == method}
+            decompose(result, chosen, method=method, progress=False, detector_parts=parts)
         if recover and pruned is not None:
             from norton.recovery import recalibrate_batchnorm, refit_cp_blocks
 
-            errors = refit_cp_blocks(pruned, result, inputs)
-            recalibrate_batchnorm(result, inputs)
+            errors = refit_cp_blocks(_calibrated(pruned, parts), _calibrated(result, parts), inputs)
+            recalibrate_batchnorm(_calibrated(result, parts), inputs)
             plan.recovery["refitted_blocks"] = len(errors)
     result.train(model.training)
     return result

@@ -10,8 +10,9 @@ Optimal Brain Damage and Fisher pruning, Theis et al. 2018):
 
 where ``a`` is the output of the layers the unit changes and ``delta`` its change there.
 ``y`` is *sampled from the model's own prediction*, so no label is needed; for outputs
-that are not logits ``(B, K)`` a unit Gaussian on the output plays the same part
-(the change is then the squared output error). ``delta`` is computed exactly and
+that are not logits ``(B, K)`` (feature maps; a detector's FPN maps and RPN outputs, several
+tensors) a unit Gaussian on every output plays the same part (the change is then the
+squared output error). ``delta`` is computed exactly and
 locally:
 
 * removing channels of a group: a removed channel reaches the rest of the network
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from norton.example_inputs import first_tensor
+from norton.example_inputs import first_tensor, tensors_in
 
 
 @dataclass
@@ -70,17 +71,21 @@ def capture(model: nn.Module, batch: Tensor, modules: Sequence[nn.Module], *, sa
     try:
         with torch.enable_grad():
             # The input asks for gradients so every watched output does, whatever the parameters ask.
-            output = first_tensor(model(batch.detach().requires_grad_(True)))
+            outputs = model(batch.detach().requires_grad_(True))
+            output = first_tensor(outputs)
+            logits = output.dim() == 2 and output.shape[1] > 1
             watched = list(ys)
             grads: list[list[Tensor]] = []
             for s in range(samples):
-                if output.dim() == 2 and output.shape[1] > 1:  # logits: sample a label from the prediction
+                if logits:  # sample a label from the prediction
                     log_p = F.log_softmax(output, dim=1)
                     label = torch.multinomial(log_p.detach().exp().cpu(), 1, generator=generator).to(output.device)
                     objective = log_p.gather(1, label).sum()
-                else:  # any other output: a unit Gaussian likelihood around it
-                    noise = torch.randn(output.shape, generator=generator).to(output.device, output.dtype)
-                    objective = (output * noise).sum()
+                else:  # any other outputs (feature maps, a detector's FPN): a unit Gaussian around each
+                    objective = sum(
+                        (t * torch.randn(t.shape, generator=generator).to(t.device, t.dtype)).sum()
+                        for t in tensors_in(outputs) if t.is_floating_point()
+                    )
                 grads.append(list(torch.autograd.grad(
                     objective, [ys[m] for m in watched], retain_graph=s < samples - 1, allow_unused=True,
                 )))

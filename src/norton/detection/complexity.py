@@ -141,7 +141,7 @@ def _count_parts(model: nn.Module, height: int, width: int, proposals: int,
     counts, pyramid = _count(backbone.fpn, (features,))
     parts["backbone.fpn"] = (1, counts)
     parts["rpn.head"] = (1, _count(rpn.head, (list(pyramid.values()),))[0])
-    channels = int(backbone.out_channels)
+    channels = int(next(iter(pyramid.values())).shape[1])  # the FPN's width as built (pruned: fewer than out_channels)
     heads = [("box", proposals, roi_heads.box_roi_pool)]
     for kind in ("mask", "keypoint"):
         if getattr(roi_heads, f"{kind}_head", None) is not None:

@@ -80,6 +80,22 @@ def layers_in_parts(
     return kept
 
 
+def parts_macs(model: nn.Module, example_inputs: Any, parts: Sequence[str] | None, *, original: bool = False) -> int:
+    """Conv + linear MACs of ``model`` (of its original, before its first norton operation, with ``original``).
+
+    For a detector, of the layers inside ``parts`` only: that is what ``target_macs`` is a fraction
+    of, since the RoI heads' cost changes with the number of proposals and is not compressed.
+    """
+    from norton.complexity import count_complexity
+    from norton.plan import original_model
+
+    counted = original_model(model) if original else model
+    if parts is None:
+        return int(count_complexity(counted, example_inputs=example_inputs).macs)
+    rows = count_complexity(counted, example_inputs=example_inputs, per_layer=True).layers
+    return int(sum(row.macs for row in rows if in_parts(row.name, parts)))
+
+
 def outside_parts(model: nn.Module, parts: Sequence[str]) -> list[str]:
     """The largest submodules holding no part: their output widths are kept when pruning."""
     prefixes = [DETECTOR_PARTS[part] for part in parts]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -186,9 +186,13 @@ class MacModel:
     ``MACs(r) = sum_l w_l * out_l * inner_l``, evaluated for many ``r`` at once.
     """
 
-    def __init__(self, work: nn.Module, example_inputs: ExampleInputs, groups: Sequence[Group]) -> None:
+    def __init__(self, work: nn.Module, example_inputs: ExampleInputs, groups: Sequence[Group], *,
+                 include: Callable[[str], bool] | None = None) -> None:
+        """``include(name)``: which leaves count (all by default; a detector's compressed parts)."""
         modules = dict(work.named_modules())
         leaves = self._leaves(work, example_inputs)  # name -> (w, out, in_per_group)
+        if include is not None:
+            leaves = {name: value for name, value in leaves.items() if include(name)}
         self.leaf_names = list(leaves)  # (L,): the conv / linear leaves, in the order of every (..., L) tensor
         index = {name: i for i, name in enumerate(leaves)}
         self.weight = torch.tensor([v[0] for v in leaves.values()], dtype=torch.float64)  # (L,)
@@ -246,12 +250,16 @@ def _leaf_changes(name: str, side: str, module: nn.Module) -> list[tuple[str, fl
 
 def keep_from_target_macs(
     groups: list[Group], macs: MacModel, target: float, round_to: int | None, *,
-    model: nn.Module, example_inputs: ExampleInputs,
+    model: nn.Module, example_inputs: ExampleInputs, original: int | None = None,
 ) -> None:
-    """Keep ``target`` of the original model's MACs: one uniform ratio by bisection, then refined, within 2%."""
+    """Keep ``target`` of the original model's MACs: one uniform ratio by bisection, then refined, within 2%.
+
+    ``original``: the MACs ``target`` is a fraction of (default the original model's; a detector's parts').
+    """
     full = torch.tensor([g.channels for g in groups], dtype=torch.float64)
     current = float(macs(full))
-    original = original_complexity(model, example_inputs=example_inputs).macs
+    if original is None:
+        original = original_complexity(model, example_inputs=example_inputs).macs
     if not original:
         raise UserError("target_macs needs a model with convolutions or linear layers (its original has 0 MACs)")
     goal = target * original
