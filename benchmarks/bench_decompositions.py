@@ -14,7 +14,9 @@ for HOOI and ALS, trained ones have faster-decaying spectra) is decomposed by
 
 Times: norton is the median of ``--repeats`` runs after one warm-up; tensorly (slow)
 the median of ``--tl-repeats`` runs after one warm-up (``--tl-repeats 1`` by default).
-Errors are ``||W - W_hat|| / ||W||`` of each result, computed here the same way.
+Errors are ``||W - W_hat|| / ||W||`` of each result, computed here the same way. The
+last lines sum each method's times over the benchmarked layers (what decomposing the
+whole network costs) and count the layers where norton's error is not above tensorly's.
 
     .venv/bin/python benchmarks/bench_decompositions.py --quick     # 3 layers, < 1 min
     .venv/bin/python benchmarks/bench_decompositions.py             # all 13 layers
@@ -103,7 +105,7 @@ def main() -> None:
           f"device {args.device}, {platform.processor() or platform.machine()}")
     print(f"{'layer':>5} {'shape':>18} {'method':>8} {'rank':>9} {'norton s':>9} {'tensorly s':>10} "
           f"{'speed-up':>8} {'err norton':>10} {'err tensorly':>12}")
-    totals: dict[str, list[float]] = {}
+    totals: dict[str, list[float]] = {}  # method -> [norton s, tensorly s, layers, error <= tensorly's, min speed-up]
     for index in chosen:
         w = convs[index].weight.detach().to(args.device)
         for name, (rank, ours, theirs) in _methods(w).items():
@@ -111,13 +113,20 @@ def main() -> None:
                 continue
             t_ours, rebuilt_ours = _median_time(ours, args.repeats)
             t_theirs, rebuilt_theirs = _median_time(theirs, args.tl_repeats)
-            sums = totals.setdefault(name, [0.0, 0.0])
+            err_ours, err_theirs = _error(rebuilt_ours, w), _error(rebuilt_theirs, w)
+            sums = totals.setdefault(name, [0.0, 0.0, 0, 0, math.inf])
             sums[0] += t_ours
             sums[1] += t_theirs
+            sums[2] += 1
+            sums[3] += err_ours <= err_theirs
+            sums[4] = min(sums[4], t_theirs / t_ours)
             print(f"{index:>5} {str(tuple(w.shape)):>18} {name:>8} {rank:>9} {t_ours:>9.3f} {t_theirs:>10.3f} "
-                  f"{t_theirs / t_ours:>7.1f}x {_error(rebuilt_ours, w):>10.4f} {_error(rebuilt_theirs, w):>12.4f}")
-    for name, (ours_total, theirs_total) in totals.items():
-        print(f"total {name}: norton {ours_total:.2f} s, tensorly {theirs_total:.2f} s, {theirs_total / ours_total:.1f}x")
+                  f"{t_theirs / t_ours:>7.1f}x {err_ours:>10.4f} {err_theirs:>12.4f}"
+                  f"{'' if err_ours <= err_theirs else f'  (norton higher by {err_ours - err_theirs:.1e})'}")
+    # a user decomposes the whole network: the sums are what they wait for
+    for name, (ours_total, theirs_total, layers, not_worse, slowest) in totals.items():
+        print(f"total {name} ({layers} layers): norton {ours_total:.3f} s, tensorly {theirs_total:.3f} s, "
+              f"{theirs_total / ours_total:.1f}x (per layer >= {slowest:.1f}x); error <= tensorly's on {not_worse}/{layers}")
 
 
 if __name__ == "__main__":

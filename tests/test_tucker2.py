@@ -143,3 +143,27 @@ def test_bad_input_is_a_one_line_user_error(weight, ranks, match):
     with pytest.raises(UserError, match=match) as info:
         tucker2(weight, ranks)
     assert "\n" not in str(info.value)
+
+
+def test_rayleigh_ritz_sweeps_reach_the_exact_hooi_fixed_point():
+    # later sweeps take one warm-started Rayleigh-Ritz step per factor instead of an eigh:
+    # run to convergence, they must land where exact HOOI lands (same start, same basin)
+    torch.manual_seed(11)
+    w = torch.randn(24, 16, 3, 3, dtype=torch.float64)
+    ritz = float(tucker2(w, (5, 6), n_iter_max=500, tol=0.0)[1])
+    exact = float(tucker2(w, (5, 6), n_iter_max=500, tol=0.0, exact_sweeps=500)[1])
+    assert abs(ritz - exact) < 1e-6
+
+
+def test_looser_tol_stops_earlier_and_never_beats_a_tighter_one():
+    torch.manual_seed(12)
+    w = torch.randn(32, 24, 3, 3, dtype=torch.float64)
+    errors = [float(tucker2(w, (6, 8), tol=tol, n_iter_max=200)[1]) for tol in (1e-2, 5e-5, 1e-9)]
+    assert errors[0] >= errors[1] >= errors[2]
+    assert errors[0] > errors[2] + 1e-5  # the loose rule really stopped early
+
+
+@pytest.mark.parametrize("option", [{"power_steps": 0}, {"exact_sweeps": -1}, {"power_steps": 1.5}])
+def test_bad_sweep_options_raise(option):
+    with pytest.raises(UserError):
+        tucker2(torch.randn(8, 6, 3, 3), (2, 3), **option)

@@ -68,7 +68,9 @@ def layer_cp(
     b, n, c, kh, kw = w.shape
     norm = w.flatten(1).norm(dim=1)  # (B,)
     w = w / torch.where(norm > 0, norm, 1.0)[:, None, None, None, None]  # unit norm: error is relative
-    slices = w.permute(0, 3, 4, 1, 2).reshape(b, kh * kw, n, c)  # spatial slices W_ij (B, K, N, C)
+    # spatial slices W_ij stacked, in both layouts, so each MTTKRP is one plain bmm
+    slices = w.permute(0, 3, 4, 1, 2).reshape(b, kh * kw * n, c)  # (B, K N, C), row ij*N + n
+    slices_t = w.permute(0, 3, 4, 2, 1).reshape(b, kh * kw * c, n)  # (B, K C, N), row ij*C + c
 
     generator = torch.Generator().manual_seed(0 if seed is None else seed)
     first = _svd_start(w.transpose(1, 2).reshape(b, c, n * kh * kw), rank, generator)  # (B, C, R)
@@ -80,7 +82,7 @@ def layer_cp(
     active = errors > 0
 
     for sweep in range(n_iter_max):
-        candidate, new_errors = _sweep(slices, factors, kh, kw)
+        candidate, new_errors = _sweep(slices, slices_t, factors, kh, kw)
         if line_search and sweep > 0:
             jump = 1.0 + math.sqrt(sweep)
             extrapolated = tuple(torch.lerp(old, new, jump) for old, new in zip(factors, candidate, strict=True))
@@ -119,16 +121,22 @@ def layer_cp_max_rank(weight_shape: tuple[int, ...]) -> int:
 
 
 # ------------------------------------------------------------------ ALS
-def _sweep(slices: Tensor, factors: tuple[Tensor, ...], kh: int, kw: int) -> tuple[tuple[Tensor, ...], Tensor]:
-    """One ALS sweep (last, first, vertical, horizontal in turn) -> new factors, errors ``(B,)``."""
+def _sweep(
+    slices: Tensor, slices_t: Tensor, factors: tuple[Tensor, ...], kh: int, kw: int
+) -> tuple[tuple[Tensor, ...], Tensor]:
+    """One ALS sweep (last, first, vertical, horizontal in turn) -> new factors, errors ``(B,)``.
+
+    ``slices (B, K N, C)`` and ``slices_t (B, K C, N)``: the spatial slices ``W_ij`` stacked.
+    """
     _, first, vertical, horizontal = factors
-    b, k, n, c = slices.shape
+    b, c = slices.shape[0], slices.shape[2]
+    k, n = kh * kw, slices_t.shape[2]
     grams = {"first": _gram(first), "vertical": _gram(vertical), "horizontal": _gram(horizontal)}
     spatial = _khatri_rao(vertical, horizontal)  # (B, K, R), row i*kw + j
-    y = slices @ first[:, None]  # sum_c W_ij[n, c] first[c, r]: (B, K, N, R)
+    y = (slices @ first).reshape(b, k, n, -1)  # sum_c W_ij[n, c] first[c, r]: (B, K, N, R)
     last = _solve((y * spatial[:, :, None]).sum(1), grams["first"] * grams["vertical"] * grams["horizontal"])
     gram_last = _gram(last)
-    y = slices.transpose(2, 3) @ last[:, None]  # sum_n W_ij[n, c] last[n, r]: (B, K, C, R)
+    y = (slices_t @ last).reshape(b, k, c, -1)  # sum_n W_ij[n, c] last[n, r]: (B, K, C, R)
     first = _solve((y * spatial[:, :, None]).sum(1), gram_last * grams["vertical"] * grams["horizontal"])
     gram_first = _gram(first)
     both = (y * first[:, None]).sum(2).reshape(b, kh, kw, -1)  # sum_{n,c} W[n,c,i,j] last first: (B, kh, kw, R)
@@ -145,7 +153,7 @@ def _sweep(slices: Tensor, factors: tuple[Tensor, ...], kh: int, kw: int) -> tup
 def _error(slices: Tensor, factors: tuple[Tensor, ...], kh: int, kw: int) -> Tensor:
     """Relative error ``(B,)`` of ``factors`` for unit-norm kernels (one big matmul)."""
     last, first, vertical, horizontal = factors
-    y = slices @ first[:, None]  # (B, K, N, R)
+    y = (slices @ first).reshape(first.shape[0], kh * kw, last.shape[1], -1)  # (B, K, N, R)
     inner = (y * _khatri_rao(vertical, horizontal)[:, :, None] * last[:, None]).sum((1, 2, 3))
     rebuilt = (_gram(last) * _gram(first) * _gram(vertical) * _gram(horizontal)).sum((1, 2))
     return (1 - 2 * inner + rebuilt).clamp_min(0).sqrt()
@@ -165,11 +173,14 @@ def _solve(mttkrp: Tensor, gram: Tensor) -> Tensor:
 
     A ridge of ``10 eps`` times each diagonal entry (plus the smallest normal number)
     keeps singular Grams (rank above a mode size, zero kernels) solvable, as in cp_als.
+    Cholesky, without error checks: on these small systems the checks and pivoting of
+    ``linalg.solve`` cost more than the solve. Should rounding ever break it, the step
+    is not taken (its error is NaN or higher).
     """
     finfo = torch.finfo(gram.dtype)
-    ridged = gram.clone()
-    ridged.diagonal(dim1=1, dim2=2).mul_(1 + 10 * finfo.eps).add_(finfo.tiny)
-    return torch.linalg.solve(ridged, mttkrp.transpose(1, 2)).transpose(1, 2)  # gram symmetric
+    ridged = gram + torch.diag_embed(gram.diagonal(dim1=1, dim2=2) * (10 * finfo.eps) + finfo.tiny)
+    factor, _ = torch.linalg.cholesky_ex(ridged)
+    return torch.cholesky_solve(mttkrp.transpose(1, 2), factor).transpose(1, 2)  # gram symmetric
 
 
 def _svd_start(unfolding: Tensor, rank: int, generator: torch.Generator) -> Tensor:

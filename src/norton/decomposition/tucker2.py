@@ -7,9 +7,11 @@ a ``k_h x k_w`` conv ``R1 -> R2`` (``core``), a 1x1 conv ``R2 -> N`` (``last``).
 
 Why it is fast: the spatial modes are never factored, so each HOOI half-step needs the
 leading eigenvectors of an ``N x N`` (or ``C x C``) Gram matrix of a projected unfolding,
-not an SVD of a ``N x R1 k_h k_w`` matrix: one matmul plus a small ``eigh`` in the first
-sweeps, then a few warm-started subspace-iteration steps (matmul + QR), batched over
-same-shaped layers.
+not an SVD of a ``N x R1 k_h k_w`` matrix: one matmul plus an ``eigh`` in the first sweep,
+then one warm-started Rayleigh-Ritz step on ``[Q, G Q]`` (matmuls, a QR and a ``2R x 2R``
+``eigh``) per half-step, batched over same-shaped layers. Only the input factor gets a
+HOSVD start (the first sweep solves the output factor from it), and the stopping rule
+is tensorly's kind (the error fell by less than ``tol`` in a sweep).
 
 With orthonormal factors the best core for given factors is the projection
 ``last^T W first`` and ``||W - W_hat||^2 = ||W||^2 - ||core||^2``, so each sweep's error
@@ -36,8 +38,8 @@ class Tucker2Factors(NamedTuple):
 
 @torch.no_grad()
 def tucker2(
-    weight: Tensor, ranks: tuple[int, int], *, n_iter_max: int = 25, tol: float = 1e-6, power_steps: int = 3,
-    exact_sweeps: int = 3,
+    weight: Tensor, ranks: tuple[int, int], *, n_iter_max: int = 25, tol: float = 5e-5, power_steps: int = 1,
+    exact_sweeps: int = 1,
 ) -> tuple[Tucker2Factors, Tensor]:
     """Tucker-2 decomposition of a conv kernel on its channel modes.
 
@@ -47,10 +49,13 @@ def tucker2(
             other dtypes computed in float32 and cast back (float32 for integers).
         ranks: ``(R1, R2)`` = (input rank ``<= C``, output rank ``<= N``).
         n_iter_max: most HOOI sweeps after the HOSVD start (0: HOSVD only).
-        tol: a layer stops once a sweep lowers its relative error by less than ``tol``.
+        tol: a layer stops once a sweep lowers its relative error by less than ``tol``
+            (the default stops at or below the error of tensorly's ``partial_tucker``
+            with its ``tol=1e-4``: each sweep here gains a little less than an exact one).
         power_steps, exact_sweeps: the first ``exact_sweeps`` sweeps solve each factor
-            exactly (eigendecomposition); later ones take ``power_steps`` steps of
-            subspace iteration (cheaper, same fixed points).
+            exactly (eigendecomposition); later ones take ``power_steps`` warm-started
+            Rayleigh-Ritz steps on the block Krylov space ``[Q, G Q]`` (cheaper, same
+            fixed points, and the error never rises).
 
     Returns:
         ``(Tucker2Factors(first (C, R1), core (R2, R1, k_h, k_w), last (N, R2)), error)``
@@ -58,48 +63,28 @@ def tucker2(
         scalar tensor, or ``(B,)``; 0 for an all-zero kernel.
     """
     rank_in, rank_out = _check(weight, ranks, n_iter_max, tol)
+    check_int(power_steps, "power_steps", minimum=1, maximum=100)
+    check_int(exact_sweeps, "exact_sweeps", minimum=0, maximum=100_000)
     batched = weight.dim() == 5
     w = (weight if batched else weight[None]).to(_working_dtype(weight.dtype))  # (B, N, C, kh, kw)
     b, n, c, kh, kw = w.shape
     norm = w.flatten(1).norm(dim=1)  # (B,)
     w = w / torch.where(norm > 0, norm, 1.0)[:, None, None, None, None]  # unit norm: error = ||W - W_hat||
 
-    # HOSVD start: leading eigenvectors of the mode-0 and mode-1 Gram matrices
     w0 = w.reshape(b, n, c * kh * kw)  # mode-0 unfolding (B, N, C k_h k_w)
     w_c = w.permute(0, 1, 3, 4, 2).reshape(b, n * kh * kw, c)  # input channels last (B, N k_h k_w, C)
     w1 = w_c.reshape(b, n, kh * kw, c).permute(0, 3, 1, 2).reshape(b, c, n * kh * kw)  # mode-1 unfolding
-    last = _leading_eigenvectors(w0 @ w0.transpose(1, 2), rank_out)  # (B, N, R2)
+    # HOSVD start for the input factor: leading eigenvectors of the mode-1 Gram matrix.
+    # The output factor's HOSVD start is only needed without sweeps: the first sweep
+    # solves it exactly from `first`, which is cheaper (an N x N Gram of an N x k_h k_w R1
+    # matrix instead of N x C k_h k_w) and what the start would be replaced by anyway.
     first = _leading_eigenvectors(w1 @ w1.transpose(1, 2), rank_in)  # (B, C, R1)
     del w1
-
-    # each layer stops on its own (its factors frozen), so a layer's result does not
-    # depend on what else is in its batch
-    previous = torch.full((b,), torch.inf, dtype=w.dtype, device=w.device)
-    active = torch.ones(b, dtype=torch.bool, device=w.device)
-    kept_first, kept_last, kept_core = first, last, w.new_zeros(b, rank_out, kh * kw * rank_in)
-    for sweep in range(n_iter_max + 1):
-        y = (w_c @ first).reshape(b, n, kh * kw * rank_in)  # W x_1 first^T, mode-0 unfolded
-        core = last.transpose(1, 2) @ y  # (B, R2, k_h k_w R1)
-        error = (1 - core.flatten(1).square().sum(1)).clamp_min(0).sqrt()  # orthonormal factors
-        take = active & (error <= previous)  # a rise can only be rounding: keep the previous factors
-        kept_first = torch.where(take[:, None, None], first, kept_first)
-        kept_last = torch.where(take[:, None, None], last, kept_last)
-        kept_core = torch.where(take[:, None, None], core, kept_core)
-        active = take & (previous - error >= tol)
-        previous = torch.where(take, error, previous)
-        if sweep == n_iter_max or not bool(active.any()):  # one host sync per sweep
-            break
-        # HOOI. The first sweeps solve each factor exactly (top eigenvectors of the
-        # projected Gram matrix, as tensorly's SVD does), which settles the basin;
-        # later ones take a few warm-started subspace-iteration steps instead: the
-        # subspace moves little by then, and `eigh` of a 512 x 512 Gram costs more
-        # than a sweep's matmuls.
-        steps = power_steps if sweep >= exact_sweeps else 0
-        last = _top_subspace(y @ y.transpose(1, 2), last, steps)
-        z = (last.transpose(1, 2) @ w0).reshape(b, rank_out, c, kh * kw)  # W x_0 last^T (B, R2, C, k_h k_w)
-        z = z.transpose(1, 2).reshape(b, c, rank_out * kh * kw)  # mode-1 unfolded
-        first = _top_subspace(z @ z.transpose(1, 2), first, steps)
-    first, last, core = kept_first, kept_last, kept_core
+    if n_iter_max == 0:
+        last = _leading_eigenvectors(w0 @ w0.transpose(1, 2), rank_out)  # (B, N, R2)
+        core = last.transpose(1, 2) @ (w_c @ first).reshape(b, n, kh * kw * rank_in)  # (B, R2, k_h k_w R1)
+    else:
+        first, last, core = _hooi(w0, w_c, first, rank_out, (kh, kw), n_iter_max, tol, power_steps, exact_sweeps)
 
     core = core.reshape(b, rank_out, kh, kw, rank_in).permute(0, 1, 4, 2, 3)  # (B, R2, R1, k_h, k_w)
     factors = Tucker2Factors(first, core, last)
@@ -133,6 +118,72 @@ def _to_tensor(factors: Tucker2Factors) -> Tensor:
     return torch.einsum("bnq,bqpij,bcp->bncij", last, core, first)
 
 
+def _hooi(
+    w0: Tensor, w_c: Tensor, first: Tensor, rank_out: int, kernel: tuple[int, int], n_iter_max: int, tol: float,
+    power_steps: int, exact_sweeps: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """HOOI sweeps on unit-norm kernels from the input factor ``first (B, C, R1)``.
+
+    ``w0 (B, N, C k_h k_w)`` and ``w_c (B, N k_h k_w, C)`` are the two layouts of the
+    kernels. Returns ``first (B, C, R1)``, ``last (B, N, R2)``, ``core (B, R2, k_h k_w R1)``.
+    Each layer stops on its own (its factors frozen), so its result does not depend on
+    what else is in its batch; a sweep that raises a layer's error (rounding only) is
+    not taken. One host sync per sweep.
+    """
+    b, n, _ = w0.shape
+    c, rank_in = first.shape[1:]
+    kh, kw = kernel
+    last = w0.new_zeros(b, n, rank_out)  # solved before it is read
+    previous = torch.full((b,), torch.inf, dtype=w0.dtype, device=w0.device)
+    active = torch.ones(b, dtype=torch.bool, device=w0.device)
+    kept: tuple[Tensor, ...] = ()
+    for sweep in range(n_iter_max):
+        # Exact sweeps take the top eigenvectors of each projected Gram matrix (as
+        # tensorly's SVD does), which settles the basin; later sweeps take Rayleigh-Ritz
+        # steps from the previous factor: the subspace moves little by then, and a
+        # 512 x 512 `eigh` costs more than the sweep's two big matmuls.
+        exact = sweep < exact_sweeps
+        y = (w_c @ first).reshape(b, n, kh * kw * rank_in)  # W x_1 first^T, mode-0 unfolded
+        if exact or sweep == 0:  # the first sweep has no output factor to start from
+            last = _leading_eigenvectors(y @ y.transpose(1, 2), rank_out)
+        else:
+            last = _ritz(y, last, power_steps)
+        z = (last.transpose(1, 2) @ w0).reshape(b, rank_out, c, kh * kw)  # W x_0 last^T (B, R2, C, k_h k_w)
+        z = z.transpose(1, 2).reshape(b, c, rank_out * kh * kw)  # mode-1 unfolded
+        first = _leading_eigenvectors(z @ z.transpose(1, 2), rank_in) if exact else _ritz(z, first, power_steps)
+        core = (first.transpose(1, 2) @ z).reshape(b, rank_in, rank_out, kh * kw)  # (B, R1, R2, k_h k_w)
+        core = core.permute(0, 2, 3, 1).reshape(b, rank_out, kh * kw * rank_in)  # (B, R2, k_h k_w R1)
+        error = (1 - core.flatten(1).square().sum(1)).clamp_min(0).sqrt()  # orthonormal factors
+        if not kept:
+            kept, previous, active = (first, last, core), error, error > 0
+            if n_iter_max == 1 or not bool(active.any()):
+                break
+            continue
+        take = active & (error <= previous)  # a rise can only be rounding: keep the previous factors
+        kept = tuple(torch.where(take[:, None, None], new, old) for new, old in zip((first, last, core), kept, strict=True))
+        active = take & (previous - error >= tol)
+        previous = torch.where(take, error, previous)
+        if not bool(active.any()):  # one host sync per sweep
+            break
+        # a frozen layer restarts from its kept factors: the next sweep is thrown away for it anyway
+        first, last = kept[0], kept[1]
+    return kept[0], kept[1], kept[2]
+
+
+def _ritz(y: Tensor, start: Tensor, steps: int) -> Tensor:
+    """``steps`` Rayleigh-Ritz steps for the top-``R`` invariant subspace of ``G = y y^T``
+    (``y (B, M, P)``) from orthonormal ``start (B, M, R)``: each takes the best ``R``
+    directions of ``span[Q, G Q]``, so ``trace(Q^T G Q)`` never falls and moves much
+    further than a plain subspace-iteration step ``orth(G Q)``; -> ``(B, M, R)``."""
+    rank = start.shape[-1]
+    for _ in range(steps):
+        basis = torch.linalg.qr(torch.cat([start, y @ (y.transpose(1, 2) @ start)], dim=2)).Q  # (B, M, <= 2R)
+        projected = basis.transpose(1, 2) @ y  # (B, <= 2R, P)
+        _, vectors = torch.linalg.eigh(projected @ projected.transpose(1, 2))  # ascending
+        start = basis @ vectors[..., -rank:]
+    return start
+
+
 def _leading_eigenvectors(gram: Tensor, rank: int) -> Tensor:
     """``(B, M, M)`` symmetric PSD -> ``(B, M, rank)``: eigenvectors of the largest
     eigenvalues, largest first, sign-fixed (largest-magnitude entry positive) so the
@@ -141,16 +192,6 @@ def _leading_eigenvectors(gram: Tensor, rank: int) -> Tensor:
     vectors = vectors[..., -rank:].flip(-1)
     pivot = vectors.gather(1, vectors.abs().argmax(dim=1, keepdim=True))  # (B, 1, rank)
     return torch.where(pivot < 0, -vectors, vectors)
-
-
-def _top_subspace(gram: Tensor, start: Tensor, steps: int) -> Tensor:
-    """``steps`` of subspace iteration ``Q <- orth(G Q)`` on a symmetric PSD ``gram (B, M, M)``
-    from orthonormal ``start (B, M, R)``; each step raises ``trace(Q^T G Q)`` (or keeps it)."""
-    if steps == 0:
-        return _leading_eigenvectors(gram, start.shape[-1])
-    for _ in range(steps):
-        start = torch.linalg.qr(gram @ start).Q
-    return start
 
 
 def _working_dtype(dtype: torch.dtype) -> torch.dtype:
