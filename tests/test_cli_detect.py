@@ -89,7 +89,42 @@ def test_demo_quick_end_to_end_and_rerun_reuses_the_stages(capsys, tmp_path):
     assert code == 2 and "other settings" in err
 
 
+@pytest.mark.slow
+def test_compress_a_detector_in_stages_then_resume(capsys, demo_data, tmp_path):
+    torch.manual_seed(0)
+    model = norton.create_model("fasterrcnn_resnet18_fpn", num_classes=11, min_size=64, max_size=64)
+    norton.save(model, tmp_path / "baseline.pt")
+    out = tmp_path / "compressed"
+    argv = ["compress", "--model", tmp_path / "baseline.pt", "--data", demo_data, "-r", 1, "--ratio", 0.3,
+            "--decompose-epochs", 1, "--prune-epochs", 0, "--size", 64, "--workers", 0, "--out", out,
+            "--device", "cpu", "--no-progress"]
+    code, stdout, _ = run(capsys, *argv)
+    assert code == 0, stdout
+    assert "| decomposed " in stdout and "| pruned " in stdout
+    summary = json.loads((out / "summary.json").read_text())
+    names = [stage["name"] for stage in summary["stages"]]
+    assert names == ["baseline", "decomposed", "pruned"]
+    assert all("AP" in stage and "bbox" in stage["coco"] for stage in summary["stages"])
+    assert summary["stages"][2]["params"] < summary["stages"][1]["params"] < summary["stages"][0]["params"]
+    assert "validation_AP_before_finetune" in summary["stages"][1]
+    compressed = norton.load(out / "compressed.pt")
+    assert [record["op"] for record in compressed.norton_plan] == ["decompose", "prune"]
+    assert (out / "decomposed" / "best.pt").is_file()  # the fine-tuning run's checkpoints
+
+    stamp = (out / "pruned" / "final.pt").stat().st_mtime_ns
+    code, again, _ = run(capsys, *argv, "--resume")
+    assert code == 0 and "finished in an earlier run" in again
+    assert (out / "pruned" / "final.pt").stat().st_mtime_ns == stamp
+
+
 @pytest.mark.parametrize(("argv", "message"), [
+    (["compress", "--model", "{tmp}/classifier.pt", "--data", "{data}", "-r", "1"], "not a detector"),
+    (["compress", "--model", "{tmp}/detector.pt", "--data", "{data}", "--target-macs", "0.5", "--parts", "rpn",
+      "--out", "{tmp}/none"], "not its rpn"),
+    (["compress", "--model", "{tmp}/detector.pt", "--data", "{data}", "-r", "1", "--parts", "wheel",
+      "--out", "{tmp}/none"], "unknown detector part 'wheel'"),
+    (["compress", "--model", "{tmp}/detector.pt", "--data", "{data}", "--target-macs", "1.5",
+      "--out", "{tmp}/none"], "target_macs"),
     (["train", "--model", "nope_fpn", "--data", "{data}"], "unknown detector 'nope_fpn'"),
     (["train", "--model", "fasterrcnn_resnet18_fpn", "--data", "{tmp}/missing"], "is not a folder"),
     (["train", "--model", "fasterrcnn_resnet18_fpn", "--data", "{data}", "--epochs", "0"], "epochs"),
@@ -112,6 +147,9 @@ def test_mistakes_are_one_line_and_exit_code_2(capsys, demo_data, tmp_path, argv
     from norton.models import create_model
 
     norton.save(create_model("resnet_20"), tmp_path / "classifier.pt")
+    if "{tmp}/detector.pt" in argv:
+        norton.save(create_model("fasterrcnn_resnet18_fpn", num_classes=11, min_size=64, max_size=64),
+                    tmp_path / "detector.pt")
     argv = [word.format(data=demo_data, tmp=tmp_path) for word in argv]
     code, stdout, err = run(capsys, *argv)
     assert code == 2

@@ -216,14 +216,15 @@ def compress(
     if takes_image_list(model):
         from norton.detection.task import DetectionTask
 
-        task = DetectionTask(loaders, input_size, device, progress=progress)
-        task.check(decompose_finetune, prune_finetune, order=order, target_latency=target_latency,
-                   compress_rate=compress_rate)
+        task = DetectionTask(loaders, tuple(input_size), device, progress=progress)
         parts = check_parts(model, detector_parts)
+        assert parts is not None  # a detector
+        task.check(decompose_finetune, prune_finetune, order=order, target_latency=target_latency,
+                   compress_rate=compress_rate, parts=parts)
     else:
         task = ClassificationTask(loaders, tuple(input_size), device, progress=progress)
         parts = check_parts(model, detector_parts)  # UserError: detector_parts given for a classifier
-    example = task.example()
+    example: Any = task.example()  # a batch tensor, or a detector's list of images
 
     model = copy.deepcopy(model).to("cpu")
     # Knowledge distillation's teacher: the uncompressed model, frozen before any stage changes its copy.
@@ -354,7 +355,7 @@ def _run_stage(
     return model, record
 
 
-def _prune(model: nn.Module, example: torch.Tensor, **kwargs: Any) -> nn.Module:
+def _prune(model: nn.Module, example: Any, **kwargs: Any) -> nn.Module:
     from norton.pruning.engine import prune
 
     return prune(model, example, **kwargs)

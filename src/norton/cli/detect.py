@@ -4,6 +4,7 @@
     norton detect train --model fasterrcnn_resnet18_fpn --data data/detect-demo --epochs 12 --out runs/frcnn
     torchrun --nproc_per_node=8 -m norton.cli.main detect train --model fasterrcnn_resnet50_fpn --data ~/coco
     norton detect evaluate --checkpoint runs/frcnn/best.pt --data data/detect-demo
+    norton detect compress --model runs/frcnn/best.pt --data data/detect-demo --target-macs 0.5 --out runs/frcnn-auto
     norton detect visualize --baseline a.pt --compressed b.pt --input images/ --out frames/
     norton detect demo
 
@@ -27,7 +28,7 @@ DEMO_SETTINGS = ("train_images", "baseline_epochs", "finetune_epochs", "batch_si
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "detect",
-        help="detection: make demo data, train, evaluate, visualize, demo",
+        help="detection: make demo data, train, evaluate, compress, visualize, demo",
         description="Faster / Mask / Keypoint R-CNN on a (compressed) ResNet backbone, COCO-format data "
                     "(docs/detection.md).",
     )
@@ -35,6 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _register_make_demo_data(commands)
     _register_train(commands)
     _register_evaluate(commands)
+    _register_compress(commands)
     _register_visualize(commands)
     _register_demo(commands)
     parser.set_defaults(func=lambda args: _missing_subcommand(parser))
@@ -247,6 +249,107 @@ def run_evaluate(args: argparse.Namespace) -> int:
                     "macs": complexity.macs, "params": complexity.params, "macs_protocol": complexity.protocol,
                     "macs_size": args.size}, Path(args.json).expanduser())
     return 0
+
+
+# --------------------------------------------------------------------------- compress
+
+
+def _register_compress(commands: argparse._SubParsersAction) -> None:
+    from norton.cli.compress import CRITERIA_HELP, add_round_to_option
+    from norton.compress_arguments import ORDERS
+    from norton.detection.parts import DETECTOR_PARTS
+
+    parser = commands.add_parser(
+        "compress", help="compress a trained detector: decompose, prune or auto_compress, each fine-tuned",
+        description="Compress the detector in --model (a norton file or best.pt of norton detect train) with "
+                    "norton.compress: decompose at -r and/or prune (--ratio, --target-macs), or auto_compress "
+                    "(--target-macs alone), each stage fine-tuned on --data's train2017 and scored by COCO AP on "
+                    "val2017. --target-macs is a fraction of the compressed parts' MACs. Writes each stage's "
+                    "folder, compressed.pt and summary.json to --out; resumable with --resume.")
+    parser.add_argument("--model", required=True, metavar="FILE", help="the trained detector (norton file or best.pt)")
+    parser.add_argument("--data", required=True, metavar="ROOT", help="COCO layout: train2017/, val2017/, annotations/")
+    parser.add_argument("-r", "--rank", type=int, default=None, help="CP rank of the decomposition (none: no decomposition)")
+    parser.add_argument("--method", default="cp-filter", help="decomposition: cp-filter (default), tucker2, cp-layer, svd")
+    how = parser.add_mutually_exclusive_group()
+    how.add_argument("--ratio", type=float, default=None, help="fraction of filters removed from every prunable layer")
+    how.add_argument("--target-macs", "--target_macs", dest="target_macs", type=float, default=None,
+                     help="fraction of the compressed parts' MACs to keep, in (0, 1); alone it runs auto_compress")
+    parser.add_argument("--criterion", default=None, help=CRITERIA_HELP)
+    add_round_to_option(parser)
+    parser.add_argument("--order", default=None, choices=ORDERS, help="as for norton compress (default: auto with "
+                        "--target-macs alone, else decompose-prune)")
+    parser.add_argument("--parts", default="body", metavar="LIST",
+                        help=f"comma-separated detector parts to compress: {', '.join(DETECTOR_PARTS)} "
+                             "(default body; auto takes body and fpn)")
+    parser.add_argument("--decompose-epochs", dest="decompose_epochs", type=int, default=1,
+                        help="fine-tuning epochs after decomposition (default 1; 0 skips)")
+    parser.add_argument("--prune-epochs", dest="prune_epochs", type=int, default=1,
+                        help="fine-tuning epochs after pruning or auto compression (default 1; 0 skips)")
+    parser.add_argument("--lr", type=float, default=0.005, help="peak fine-tuning learning rate (default 0.005)")
+    parser.add_argument("--size", type=int, default=800,
+                        help="image side at which MACs are counted, before the model's resize (default 800)")
+    _add_loader(parser, batch_size=2)
+    parser.add_argument("--out", default=None, metavar="DIR", help="run folder (default runs/detect-compress-<model>)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out")
+    _add_device(parser)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    parser.set_defaults(func=run_compress)
+
+
+def run_compress(args: argparse.Namespace) -> int:
+    from norton.compress_arguments import FineTune, check_compress_output
+
+    check_loader_options(batch_size=args.batch_size, workers=args.workers)
+    check_image_side(args.size, "--size")
+    parts = tuple(part.strip() for part in args.parts.split(",") if part.strip())
+    recipes = {stage: FineTune(epochs=getattr(args, f"{stage}_epochs"), lr=args.lr).check(stage)
+               for stage in ("decompose", "prune")}
+    root = _data_root(args.data)
+    out = Path(args.out or f"runs/detect-compress-{Path(args.model).stem}").expanduser()
+    check_compress_output(out, resume=args.resume)
+    model, _ = _read_detector(args.model, "--model")
+    from norton.detection.coco import coco_datasets, detection_loader
+    from norton.detection.parts import check_parts
+    from norton.io import write_json
+    from norton.pipeline import compress
+    from norton.serialization import save
+    from norton.training.loaders import Loaders
+
+    check_parts(model, parts)
+    name = model.norton_architecture["name"]
+    train_set, val_set = coco_datasets(root, kind=_kind_of(name))
+    train_loader = detection_loader(train_set, batch_size=args.batch_size, train=True, workers=args.workers,
+                                    seed=args.seed)
+    val_loader = detection_loader(val_set, batch_size=args.batch_size, train=False, workers=args.workers)
+    # val2017 chooses the best fine-tuning epoch and scores each stage: COCO has no labelled test split
+    loaders = Loaders(train=train_loader, val=val_loader, test=val_loader, train_sampler=None)  # type: ignore[arg-type]
+    result = compress(
+        model, loaders, input_size=(3, args.size, args.size), rank=args.rank, ratio=args.ratio,
+        target_macs=args.target_macs, criterion=args.criterion, round_to=args.round_to, order=args.order,
+        decompose_method=args.method, decompose_finetune=recipes["decompose"], prune_finetune=recipes["prune"],
+        output_dir=out, resume=args.resume, device=args.device, seed=args.seed, progress=args.progress,
+        log=lambda message: print(message, flush=True), detector_parts=parts,
+    )
+    path = save(result.model, out / "compressed.pt", stages=result.stages,
+                category_names=list(train_set.category_names))
+    write_json({"model": str(args.model), "data": str(root), "parts": list(parts), "stages": result.stages,
+                "compressed": str(path)}, out / "summary.json")
+    print(format_stages(result.stages))
+    print(f"saved {path} and {out / 'summary.json'}")
+    return 0
+
+
+def format_stages(stages: Any) -> str:
+    """AP, AP50, AR100, MACs and params of every stage of a detector's compression."""
+    lines = [f"| {'stage':<10} | {'AP':>5} | {'AP50':>5} | {'AR100':>5} | {'MACs':>8} | {'params':>7} |",
+             "|------------|-------|-------|-------|----------|---------|"]
+    for stage in stages:
+        box = stage["coco"].get("keypoints", stage["coco"]["bbox"])
+        lines.append(f"| {stage['name']:<10} | {box['AP']:5.1f} | {box['AP50']:5.1f} | "
+                     f"{box.get('AR100', box.get('AR', 0.0)):5.1f} | {stage['macs'] / 1e9:7.2f}G | "
+                     f"{stage['params'] / 1e6:6.2f}M |")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- visualize

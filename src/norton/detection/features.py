@@ -37,7 +37,7 @@ class DetectorFeatures(nn.Module):
 
     def __init__(self, detector: nn.Module) -> None:
         super().__init__()
-        self.detector = detector
+        self.detector: Any = detector  # a GeneralizedRCNN (typed Any: torchvision's attributes are untyped)
 
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:
         maps = list(self.detector.backbone(x).values())  # (B, F, H_l, W_l) per level
@@ -72,10 +72,10 @@ def detector_calibration_inputs(
         raise UserError(f"calibration must be an iterable of batches (e.g. a DataLoader over detection images), "
                         f"got {type(calibration).__name__}")
     target = torch.device(device) if device is not None else model_device(detector)
-    channels = len(detector.transform.image_mean)
+    transform: Any = detector.transform
+    channels = len(transform.image_mean)
     inputs: list[Tensor] = []
     seen = 0
-    transform = detector.transform
     was_training = transform.training
     transform.eval()  # the test-time resize (training picks a random size)
     try:

@@ -34,6 +34,9 @@ DETECTOR_PARTS = {
     "keypoint_head": "roi_heads.keypoint_head",
 }
 DEFAULT_PARTS = ("body",)
+# auto_compress's sensitivity runs the FPN maps and RPN outputs (norton.detection.features), so it
+# can judge the body and the FPN's inner layers; the RPN head and RoI heads are compressed by hand.
+AUTO_PARTS = ("body", "fpn")
 T = TypeVar("T")
 
 

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from norton.compress_arguments import FineTune
+from norton.detection.parts import AUTO_PARTS
 from norton.errors import UserError
 from norton.training.loaders import Loaders
 
@@ -38,8 +39,12 @@ class DetectionTask:
     label: str = "AP"
     warmup_iters: int = 100
 
-    def check(self, *recipes: FineTune, order: str, target_latency: Any, compress_rate: Any) -> None:
+    def check(self, *recipes: FineTune, order: str, target_latency: Any, compress_rate: Any,
+              parts: tuple[str, ...]) -> None:
         """One-line errors for what a detector's pipeline cannot do, before any work."""
+        if order == "auto" and set(parts) - set(AUTO_PARTS):
+            raise UserError(f"auto_compress compresses a detector's {' and '.join(AUTO_PARTS)}, not its "
+                            f"{', '.join(sorted(set(parts) - set(AUTO_PARTS)))}: give -r/--ratio for those parts")
         if any(recipe.distill and recipe.epochs > 0 for recipe in recipes):
             raise UserError("distillation is for classifiers: fine-tune a detector without --distill")
         if any(recipe.label_smoothing for recipe in recipes):
@@ -51,7 +56,6 @@ class DetectionTask:
             raise UserError("compress_rate names a zoo classifier's widths: prune a detector with ratio or target_macs")
         if self.input_size[-1] != self.input_size[-2]:
             raise UserError(f"a detector's input_size is (3, S, S), one square image side; got {self.input_size}")
-        del order  # every order works
 
     def example(self) -> list[torch.Tensor]:
         """One image of ``S x S``: detectors take a list of images."""
