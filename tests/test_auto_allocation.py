@@ -67,3 +67,20 @@ def test_a_latency_budget_that_cannot_be_met_says_latency():
     protected = Curve("prune", "b", [8], [0.0])
     with pytest.raises(UserError, match="latency budget cannot be met.*target_latency"):
         allocate(macs, [_curve("a", 1.0), protected], [], goal=500.0, budget="latency")
+
+
+def test_an_overshooting_decomposition_is_stepped_back():
+    from norton.auto.costs import LayerOption
+
+    # Both groups protected; layer "a" (800 MACs dense) decomposes to 700 or 100 MACs. For a goal of 1500 of
+    # 1600 the greedy takes the big step (no more change per MAC) to 900, with no width to give back: one
+    # level back lands on 1500 exactly.
+    options = {"a": [LayerOption("dense", None, (100.0, 0, 0, 0)), LayerOption("x", 1, (87.5, 0, 0, 0)),
+                     LayerOption("x", 2, (12.5, 0, 0, 0))]}
+    macs = ChoiceMacs(_Widths(), options, ["a", "b"])  # type: ignore[arg-type]
+    protected = [Curve("prune", "a", [8], [0.0]), Curve("prune", "b", [8], [0.0])]
+    layer = [Curve("decompose", "a", [0, 1, 2], [0.0, 1.0, 1.0])]  # the big step costs no more: taken first
+    result = allocate(macs, protected, layer, goal=1500.0)
+    assert result.choice.tolist() == [1] and result.macs == pytest.approx(1500.0)
+    result = allocate(macs, protected, layer, goal=900.0)
+    assert result.choice.tolist() == [2]

@@ -124,3 +124,79 @@ def test_group_fractions_keep_multiples_of_round_to(channels, round_to, expected
     levels = prune_unit("x", torch.arange(channels), [], fractions).levels  # the widths the curves measure
     assert levels[0] == channels and (round_to is None or channels <= round_to
                                       or all(w % round_to == 0 for w in levels[1:]))
+
+
+ALL_METHODS = ("cp-filter", "tucker2", "cp-layer", "svd")
+
+
+def test_the_only_method_offered_is_chosen_per_layer():
+    from norton.decomposition.tucker2_conv import Tucker2Conv
+
+    torch.manual_seed(0)
+    model = norton.create_model("resnet_20", num_classes=10).eval()
+    x = torch.randn(1, 3, 16, 16)
+    compressed = auto_compress_quiet(model, x, 0.3, _calibration((3, 16, 16)), methods=("tucker2",))
+    report = compressed.norton_auto_report
+    assert report.methods and set(report.methods.values()) == {"tucker2"}
+    assert report.methods.keys() == report.ranks.keys()
+    blocks = {name for name, m in compressed.named_modules() if isinstance(m, Tucker2Conv)}
+    assert blocks == set(report.methods)
+    records = [r for r in compressed.norton_plan if r["op"] == "decompose"]
+    assert [r["method"] for r in records] == ["tucker2"]
+    assert records[0]["ranks"] == {name: list(rank) for name, rank in report.ranks.items()}
+
+
+@pytest.mark.parametrize(("name", "side", "target"), [("resnet_20", 16, 0.5), ("resnet_20", 16, 0.2)])
+def test_budgets_met_with_mixed_methods(name, side, target):
+    torch.manual_seed(0)
+    model = norton.create_model(name, num_classes=10).eval()
+    x = torch.randn(1, 3, side, side)
+    compressed = auto_compress_quiet(model, x, target, _calibration((3, side, side)), methods=ALL_METHODS)
+    original = count_complexity(model, example_inputs=x).macs
+    assert count_complexity(compressed, example_inputs=x).macs == pytest.approx(target * original, rel=0.02)
+    assert len(set(compressed.norton_auto_report.methods.values())) >= 2  # random weights still mix them
+
+
+@pytest.mark.slow
+def test_torchvision_budget_with_mixed_methods():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    x = torch.randn(1, 3, 32, 32)
+    compressed = auto_compress_quiet(model, x, 0.4, _calibration((3, 32, 32), batches=1), methods=ALL_METHODS)
+    original = count_complexity(model, example_inputs=x).macs
+    assert count_complexity(compressed, example_inputs=x).macs == pytest.approx(0.4 * original, rel=0.02)
+    assert compressed.norton_auto_report.methods
+
+
+@pytest.mark.parametrize(("methods", "budget", "message"), [
+    (("cp-filter", "tuker2"), {"target_macs": 0.5}, "unknown decomposition method 'tuker2'.*tucker2"),
+    ("tucker2", {"target_macs": 0.5}, "sequence of names"),
+    (("tucker2",), {"target_latency": 0.5}, "cp-filter blocks only"),
+])
+def test_bad_methods_are_one_line_and_leave_the_model(methods, budget, message):
+    model = norton.create_model("resnet_20", num_classes=10).eval()
+    before = copy.deepcopy(model)
+    x = torch.randn(1, 3, 16, 16)
+    with pytest.raises(UserError, match=message) as error:
+        norton.auto_compress(model, x, calibration=_calibration((3, 16, 16)), progress=False, methods=methods,
+                             **budget)
+    assert "\n" not in str(error.value)
+    assert _same(model, before) and not hasattr(model, "norton_plan")
+
+
+def test_a_mixed_plan_round_trips_through_save_and_load(tmp_path):
+    torch.manual_seed(0)
+    model = norton.create_model("resnet_20", num_classes=10).eval()
+    x = torch.randn(1, 3, 16, 16)
+    compressed = auto_compress_quiet(model, x, 0.3, _calibration((3, 16, 16)), methods=ALL_METHODS).eval()
+    methods = {r.get("method", "cp-filter") for r in compressed.norton_plan if r["op"] == "decompose"}
+    assert len(methods) >= 2 and methods == set(compressed.norton_auto_report.methods.values())
+    norton.save(compressed, tmp_path / "mixed.pt")
+    loaded = norton.load(tmp_path / "mixed.pt").eval()
+    probe = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded(probe), compressed(probe))
+    from norton.layers import layer_summaries
+
+    shown = {row.name: row.method for row in layer_summaries(loaded) if row.method != "dense"}
+    assert shown == compressed.norton_auto_report.methods  # what `norton info --layers` prints

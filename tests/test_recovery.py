@@ -175,6 +175,24 @@ def test_cp_refit_beats_the_kernel_only_fit_on_held_out_inputs():
     assert refitted[3].rank == 2 and refitted[3].out_channels == 16  # same structure
 
 
+@pytest.mark.parametrize(("block", "rank"), [("Tucker2Conv", (4, 4)), ("LayerCPConv", 6), ("SpatialSVDConv", 4)])
+def test_the_last_layer_of_other_blocks_is_refitted(block, rank):
+    from norton.decomposition import layer_cp_conv, low_rank_layers, tucker2_conv
+
+    cls = {"Tucker2Conv": tucker2_conv.Tucker2Conv, "LayerCPConv": layer_cp_conv.LayerCPConv,
+           "SpatialSVDConv": low_rank_layers.SpatialSVDConv}[block]
+    original = tiny_net()
+    kernel_only = copy.deepcopy(original)
+    kernel_only[3] = cls.from_conv(original[3], rank)
+    refitted = copy.deepcopy(kernel_only)
+    errors = refit_cp_blocks(original, refitted, calibration())
+    assert list(errors) == ["3"]
+    before, after = held_out_errors(original, kernel_only, ["3"]), held_out_errors(original, refitted, ["3"])
+    assert after["3"] < before["3"] and after["logits"] < before["logits"]
+    assert torch.equal(refitted[3].first.weight if block != "SpatialSVDConv" else refitted[3].vertical.weight,
+                       kernel_only[3].first.weight if block != "SpatialSVDConv" else kernel_only[3].vertical.weight)
+
+
 def test_more_alternating_rounds_never_raise_the_calibration_error():
     original = tiny_net()
     errors = [refit_cp_blocks(original, _decomposed(original, rank=2), calibration(2), rounds=r)["3"] for r in (1, 2, 3)]

@@ -11,7 +11,9 @@ much of what they lose, with no training:
   2017). A conv is fitted on its input patches; a CPDBlock's factors are fitted
   head, body, tail in turn (its output is linear in each with the others fixed).
 * :func:`refit_cp_blocks`: each CPDBlock that replaced a convolution is refitted to
-  reproduce that convolution's *output* on the calibration activations, not its kernel.
+  reproduce that convolution's *output* on the calibration activations, not its kernel;
+  of a Tucker-2, layer CP or spatial SVD block, its last layer alone (a plain conv fed by
+  the block's earlier layers, whose output is the block's).
 * :func:`recalibrate_batchnorm`: every BatchNorm's running statistics re-estimated.
 * :func:`recover`: all three, in that order; returns a small report.
 
@@ -43,6 +45,7 @@ from torch import Tensor, nn
 
 from norton.calibration import count_images, evaluating
 from norton.decomposition.cpd_block import CPDBlock, conv_padding
+from norton.decomposition.factorized import FactorizedConv
 from norton.errors import UserError
 from norton.layer_fit import Stats, cp_factor_system, dense_system, residual, ridge_solve
 from norton.limits import check_finite, check_int
@@ -143,6 +146,8 @@ def refit_cp_blocks(
     calibration activations: ``rounds`` sweeps of ridge least squares on the head
     ``(N, C_in, R)``, then the body ``(N, k_h, R)``, then the tail ``(N, k_w, R)``
     (each with the other two fixed, the output being linear in it) and the bias.
+    A :class:`~norton.decomposition.factorized.FactorizedConv` (Tucker-2, layer CP, spatial
+    SVD) that replaced a convolution has its last layer and bias refitted the same way.
     Each solve starts from and is pulled towards the current factors, so the error on
     the calibration samples never grows. Same arguments and result as
     :func:`refit_pruned_consumers`.
@@ -222,7 +227,12 @@ def _reduced_consumer(name: str, new: nn.Module, old: nn.Module) -> bool:
 
 
 def _replaced_conv(name: str, new: nn.Module, old: nn.Module) -> bool:
-    return isinstance(new, CPDBlock) and isinstance(old, nn.Conv2d) and _refittable(old)
+    return isinstance(new, (CPDBlock, FactorizedConv)) and isinstance(old, nn.Conv2d) and _refittable(old)
+
+
+def _fitted(layer: nn.Module) -> nn.Module:
+    """What is solved for ``layer``: a FactorizedConv's last child (its output is the block's), else itself."""
+    return layer.output_layer if isinstance(layer, FactorizedConv) else layer
 
 
 def _chosen(original: nn.Module, compressed: nn.Module, layers: Iterable[str] | None, rule: Any) -> list[str]:
@@ -230,8 +240,8 @@ def _chosen(original: nn.Module, compressed: nn.Module, layers: Iterable[str] | 
     old = dict(original.named_modules())
     new = dict(compressed.named_modules())
     if layers is None:
-        inner = tuple(f"{name}." for name, module in new.items() if isinstance(module, CPDBlock))
-        return [  # a CPDBlock's own convs are refitted through their block, never alone
+        inner = tuple(f"{name}." for name, module in new.items() if isinstance(module, (CPDBlock, FactorizedConv)))
+        return [  # a block's own convs are refitted through their block, never alone
             name for name, module in new.items()
             if name in old and not name.startswith(inner) and rule(name, module, old[name])
         ]
@@ -241,7 +251,8 @@ def _chosen(original: nn.Module, compressed: nn.Module, layers: Iterable[str] | 
     for name in names:
         if not isinstance(name, str) or name not in new or name not in old:
             raise UserError(f"layers names {name!r}, which is not a layer of both models")
-        if not _refittable(new[name]) or not (type(new[name]) is type(old[name]) or _replaced_conv(name, new[name], old[name])):
+        same = type(new[name]) is type(old[name]) and _refittable(new[name])
+        if not (same or _replaced_conv(name, new[name], old[name])):
             raise UserError(
                 f"layer {name!r} cannot be refitted: it must be a Conv2d (groups=1), nn.Linear or CPDBlock "
                 f"in both models (or a CPDBlock replacing a Conv2d), got {type(old[name]).__name__} -> "
@@ -397,7 +408,7 @@ def _targets(
 
 def _statistics(model: nn.Module, name: str, inputs: Sequence[Tensor], target: _Targets) -> Stats | None:
     """Least-squares statistics of layer ``name`` of ``model`` against ``target``, from partial forwards."""
-    layer = model.get_submodule(name)
+    layer = _fitted(model.get_submodule(name))
     weight = next(layer.parameters())
     dtype = _dtype(layer)
     stats: Stats | None = None
@@ -519,7 +530,7 @@ def _refit_in_one_pass(
             target.rows.clear()  # free the layer's targets
         return refit
 
-    handles = [modules[name].register_forward_pre_hook(hook(name)) for name in order]
+    handles = [_fitted(modules[name]).register_forward_pre_hook(hook(name)) for name in order]
     try:
         with evaluating(compressed):
             compressed(torch.cat(list(inputs)))
@@ -553,7 +564,7 @@ def _refit(
         if stats is None:
             log.warning("not refitted: the compressed model's forward does not reach %s", name)
             continue
-        layer = compressed.get_submodule(name)
+        layer = _fitted(compressed.get_submodule(name))
         errors[name] = _solve_layer(layer, stats.outputs(kept[name]), ridge, rounds)
         log.info("refit %s: relative output error %.4f -> %.4f (%d rows)", name, *errors[name], stats.count)
         targets[name].rows.clear()  # free the layer's targets

@@ -7,8 +7,9 @@ group's width changes the MACs of every layer it feeds, MACs are not additive pe
 unit, so the search is greedy on the exact MAC model (:class:`~norton.auto.costs.ChoiceMacs`):
 from the uncompressed model, repeatedly take the move (any unit to any cheaper level)
 that adds the least output change per MAC removed, until the budget is met; then
-give channels back one at a time, cheapest change first, while the budget still
-holds, so the result lands within the tolerance (AIMET's greedy compression-ratio
+give channels back a few at a time (or move a decomposed layer one level back towards
+dense), cheapest change first, while the budget still holds, so the result lands within
+the tolerance (AIMET's greedy compression-ratio
 selection works the same way on per-layer curves). The cost can be the MACs or the
 predicted latency (:class:`~norton.auto.latency.ChoiceLatency`): the search is the same.
 """
@@ -113,31 +114,44 @@ def allocate(
             f"{current:,.4g} {'MACs' if budget == 'MACs' else 'ms'} for a goal of {goal:,.4g}; "
             f"ask for a larger target_{'macs' if budget == 'MACs' else budget}"
         )
-    keep = _give_back(macs, prune_curves, keep, choice, goal, tolerance, round_to or 1)
+    keep, choice = _give_back(macs, prune_curves, decompose_curves, keep, choice, goal, tolerance, round_to or 1)
     return Allocation(keep.long(), choice, float(macs(keep[None], choice[None])[0]), cost_of(keep, choice))
 
 
 def _give_back(
-    macs: ChoiceCost, curves: Sequence[Curve], keep: Tensor, choice: Tensor, goal: float, tolerance: float,
-    round_to: int,
-) -> Tensor:
-    """Add channels back (``round_to`` at a time), best output change saved per unit of cost first, while
-    the cost stays under ``goal``."""
+    macs: ChoiceCost, curves: Sequence[Curve], layer_curves: Sequence[Curve], keep: Tensor, choice: Tensor,
+    goal: float, tolerance: float, round_to: int,
+) -> tuple[Tensor, Tensor]:
+    """Add channels back (``round_to`` at a time) or move a decomposed layer one level back towards dense,
+    best output change saved per unit of cost first, while the cost stays under ``goal``. (A decomposition
+    is one large step: the last one taken can overshoot the goal with no pruned group to widen.)"""
     full = torch.tensor([c.levels[0] for c in curves], dtype=torch.float64)  # (G,)
     current = float(macs(keep[None], choice[None])[0])
-    eye = torch.eye(len(curves), dtype=torch.float64)
-    for _ in range(int((full - keep).sum())):
+    groups, layers = len(curves), len(layer_curves)
+    eye = torch.eye(groups, dtype=torch.float64)
+    back = torch.eye(layers, dtype=torch.long)
+    for _ in range(int((full - keep).sum()) + int(choice.sum())):
         if current >= goal * (1 - tolerance / 4):
             break
         step = round_to * torch.clamp(torch.ceil(full / 32 / round_to), min=1)  # (G,): about 3% of a group per move
         trials = (keep + eye * step[:, None]).minimum(full)  # (G, G): row g widens group g
-        added = macs(trials, choice.expand(len(curves), -1)) - current  # (G,)
-        before = torch.stack([_interpolate(c, keep[g:g + 1])[0] for g, c in enumerate(curves)])
-        after = torch.stack([_interpolate(c, trials[g, g:g + 1])[0] for g, c in enumerate(curves)])
-        gain = (before - after) / added.clamp_min(1e-9)  # output change saved per MAC
-        valid = (trials.diagonal() > keep) & (current + added <= goal * (1 + tolerance / 2))
+        choices = (choice - back).clamp_min(0)  # (D, D): row d moves layer d one level back
+        added = macs(torch.cat([trials, keep.expand(layers, -1)]),
+                     torch.cat([choice.expand(groups, -1), choices])) - current  # (G + D,)
+        before = torch.tensor([float(_interpolate(c, keep[g:g + 1])[0]) for g, c in enumerate(curves)])
+        after = torch.tensor([float(_interpolate(c, trials[g, g:g + 1])[0]) for g, c in enumerate(curves)])
+        saved = torch.cat([(before - after).double(), torch.tensor(
+            [c.costs[int(choice[d])] - c.costs[int(choices[d, d])] for d, c in enumerate(layer_curves)],
+            dtype=torch.float64)])
+        gain = saved / added.clamp_min(1e-9)  # output change saved per MAC
+        moved = torch.cat([trials.diagonal() > keep, choices.diagonal() < choice])
+        valid = moved & (current + added <= goal * (1 + tolerance / 2))
         if not bool(valid.any()):
             break
         best = int(gain.masked_fill(~valid, -math.inf).argmax())
-        keep, current = trials[best], current + float(added[best])
-    return keep
+        if best < groups:
+            keep = trials[best]
+        else:
+            choice = choices[best - groups]
+        current += float(added[best])
+    return keep, choice

@@ -4,8 +4,10 @@ Four steps, each in its own module:
 
 1. **sensitivity** (:mod:`norton.auto.sensitivity`): on a few calibration images, how much
    the output changes when one coupled group of channels keeps 3/4, 1/2, 1/4, 1/8 of its
-   channels (the ones the criterion would keep), or one convolution is replaced by a
-   rank-4/2/1 CPDBlock;
+   channels (the ones the criterion would keep), or one convolution is replaced by one of
+   the ``methods``' blocks at a few ranks (rank-4/2/1 CPDBlocks, Tucker-2, layer CP, spatial
+   SVD: the reconstructed kernel in the layer); per layer, the options no other beats on both
+   MACs and output change are kept;
 2. **allocation** (:mod:`norton.auto.allocation`): a greedy multiple-choice knapsack on the
    exact MAC model (:mod:`norton.auto.costs`) picks every group's width and every
    layer's rank so the MACs land within 2% of the budget with the least summed change;
@@ -13,11 +15,12 @@ Four steps, each in its own module:
    layer timings (:mod:`norton.auto.latency`), and the result is timed and, if it misses
    the target by more than 10%, allocated again with the measured/predicted ratio;
 3. **apply**: :func:`norton.prune` with the chosen widths (a ratio per group), then
-   :func:`norton.decompose` of the pruned convolutions at the chosen ranks, so the plan
-   holds ordinary ``prune`` and ``decompose`` records that ``norton.load`` replays;
-4. **recovery** (:mod:`norton.recovery`): the consumers of removed channels and the CP
-   factors are refitted by least squares to reproduce the uncompressed layers' outputs
-   on the calibration images, then BatchNorm statistics are re-estimated.
+   :func:`norton.decompose` of the pruned convolutions at the chosen ranks (one call per method),
+   so the plan holds ordinary ``prune`` and ``decompose`` records that ``norton.load`` replays;
+4. **recovery** (:mod:`norton.recovery`): the consumers of removed channels and the CPDBlocks'
+   factors (not the other methods' blocks) are refitted by least squares to reproduce the
+   uncompressed layers' outputs on the calibration images, then BatchNorm statistics are
+   re-estimated.
 
 Pruning comes before decomposition here (the paper decomposes first): the channels
 and the sensitivity curves are then both measured on the model the user gave, and the
@@ -40,7 +43,7 @@ from norton.auto.sensitivity import Curve, Unit, decompose_unit, prune_unit, sen
 from norton.complexity import count_complexity
 from norton.compress_arguments import AUTO_CRITERION, parse_target_latency
 from norton.deploy.tolerance import DTYPES, dtype_name
-from norton.detection.parts import check_parts, in_parts, parts_macs
+from norton.detection.parts import AUTO_PARTS, check_parts, in_parts, parts_macs
 from norton.errors import UserError
 from norton.example_inputs import ExampleInputs, first_tensor, model_device, module_input_shapes
 from norton.limits import check_int, check_target_macs
@@ -170,9 +173,9 @@ def auto_compress(
         if target_latency is not None:
             raise UserError("auto_compress on a detector takes target_macs (a fraction of the compressed parts' "
                             "MACs); target_latency is for classifiers")
-        if set(parts) - {"body", "fpn"}:
-            raise UserError("auto_compress compresses a detector's body and fpn; compress the rpn and heads with "
-                            "norton.prune / norton.decompose(..., detector_parts=...)")
+        if set(parts) - set(AUTO_PARTS):
+            raise UserError(f"auto_compress compresses a detector's {' and '.join(AUTO_PARTS)}; compress the rpn "
+                            "and heads with norton.prune / norton.decompose(..., detector_parts=...)")
         if "fpn" in parts:  # its outputs feed the RoI heads, which the sensitivity does not run: kept whole
             ignored_layers = [*_listed(ignored_layers), "backbone.fpn.layer_blocks"]
         inputs = detector_calibration_inputs(calibration, model, max_images=max(calibration_images,
