@@ -17,8 +17,8 @@ Four steps, each in its own module:
 3. **apply**: :func:`norton.prune` with the chosen widths (a ratio per group), then
    :func:`norton.decompose` of the pruned convolutions at the chosen ranks (one call per method),
    so the plan holds ordinary ``prune`` and ``decompose`` records that ``norton.load`` replays;
-4. **recovery** (:mod:`norton.recovery`): the consumers of removed channels and the CPDBlocks'
-   factors (not the other methods' blocks) are refitted by least squares to reproduce the
+4. **recovery** (:mod:`norton.recovery`): the consumers of removed channels, the CPDBlocks'
+   factors and the other blocks' last layers are refitted by least squares to reproduce the
    uncompressed layers' outputs on the calibration images, then BatchNorm statistics are
    re-estimated.
 
