@@ -82,10 +82,10 @@ def capture(model: nn.Module, batch: Tensor, modules: Sequence[nn.Module], *, sa
                     label = torch.multinomial(log_p.detach().exp().cpu(), 1, generator=generator).to(output.device)
                     objective = log_p.gather(1, label).sum()
                 else:  # any other outputs (feature maps, a detector's FPN): a unit Gaussian around each
-                    objective = sum(
+                    objective = torch.stack([
                         (t * torch.randn(t.shape, generator=generator).to(t.device, t.dtype)).sum()
                         for t in tensors_in(outputs) if t.is_floating_point()
-                    )
+                    ]).sum()
                 grads.append(list(torch.autograd.grad(
                     objective, [ys[m] for m in watched], retain_graph=s < samples - 1, allow_unused=True,
                 )))
