@@ -27,10 +27,17 @@ import os
 import platform
 import statistics
 import time
+from typing import Any
 
 import torch
 
 import norton
+
+
+def _calibration_and_test(splits: Any, test_images: int) -> tuple[list[torch.Tensor], list, torch.Tensor]:
+    """512 training images as calibration batches, ``test_images`` test batches, and a 1-image example."""
+    calibration = [x for x, _ in _subset(splits.train, 512, 128)]
+    return calibration, _subset(splits.test, test_images, 500), torch.zeros(1, *calibration[0].shape[1:])
 
 
 def _subset(dataset, count: int, batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -50,10 +57,7 @@ def accuracy_table(args: argparse.Namespace) -> None:
     from norton.training.datasets import build_datasets
 
     model = load_model_file(args.ckpt)[0].eval()
-    splits = build_datasets("fashion-mnist", augment=False)
-    calibration = [x for x, _ in _subset(splits.train, 512, 128)]
-    test = _subset(splits.test, args.test_images, 500)
-    x = torch.zeros(1, *calibration[0].shape[1:])
+    calibration, test, x = _calibration_and_test(build_datasets("fashion-mnist", augment=False), args.test_images)
     print(f"baseline top-1 {top1(model, test):.2f}% on {sum(len(y) for _, y in test)} test images")
     print("| MACs kept | auto_compress | auto, no recovery | uniform l1 | uniform pabs | auto seconds |")
     print("|---:|---:|---:|---:|---:|---:|")
@@ -94,10 +98,8 @@ def methods_table(args: argparse.Namespace) -> None:
     from norton.training.datasets import build_datasets
 
     model = _grey_baseline(args.methods_ckpt, args.train_epochs)
-    splits = build_datasets("fashion-mnist", augment=False, grey_to_rgb=False)
-    calibration = [x for x, _ in _subset(splits.train, 512, 128)]
-    test = _subset(splits.test, args.test_images, 500)
-    x = torch.zeros(1, *calibration[0].shape[1:])
+    calibration, test, x = _calibration_and_test(
+        build_datasets("fashion-mnist", augment=False, grey_to_rgb=False), args.test_images)
     print(f"grey ResNet-20 baseline top-1 {top1(model, test):.2f}% on {sum(len(y) for _, y in test)} test images")
     print("| MACs kept | methods offered | top-1 | top-1, no recovery | layers per method | seconds |")
     print("|---:|---|---:|---:|---|---:|")

@@ -15,15 +15,19 @@ from norton.pruning.budget import MacModel
 from norton.pruning.groups import traced
 
 
-def _choice_macs(model, x):
+def _choice_macs(model, x, decompositions=None):
+    """The MAC model of ``model`` with ``decompositions(conv, input_hw)`` as each conv's options (CP ranks 3, 1)."""
     work, _, groups = traced(model, x, (), False)
     widths = MacModel(work, x, groups)
     leaves = widths.leaf_names
     convs = {n: c for n, c in eligible_convs(work).items() if n in leaves}
     shapes = module_input_shapes(work, convs, x, eval_mode=True)
+    if decompositions is None:
+        def decompositions(conv, hw):
+            return [LayerOption("cp-filter", r, cp_filter_coefficients(conv, hw, r)) for r in (3, 1)]
     options = {
         name: [LayerOption("dense", None, (float(widths.weight[leaves.index(name)]), 0, 0, 0))]
-        + [LayerOption("cp-filter", r, cp_filter_coefficients(conv, shapes[name][-2:], r)) for r in (3, 1)]
+        + decompositions(conv, shapes[name][-2:])
         for name, conv in convs.items()
     }
     return ChoiceMacs(widths, options, leaves), groups
@@ -107,17 +111,8 @@ def test_mixed_methods_predicted_macs_equal_the_count(seed):
     torch.manual_seed(seed)
     model = norton.create_model("resnet_20", num_classes=10).eval()
     x = torch.randn(1, 3, 16, 16)
-    work, _, groups = traced(model, x, (), False)
-    widths = MacModel(work, x, groups)
-    leaves = widths.leaf_names
-    convs = {n: c for n, c in eligible_convs(work).items() if n in leaves}
-    shapes = module_input_shapes(work, convs, x, eval_mode=True)
-    options = {
-        name: [LayerOption("dense", None, (float(widths.weight[leaves.index(name)]), 0, 0, 0))]
-        + decomposition_options(conv, shapes[name][-2:], ("cp-filter", "tucker2", "cp-layer", "svd"), (4, 2, 1))
-        for name, conv in convs.items()
-    }
-    macs = ChoiceMacs(widths, options, leaves)
+    macs, groups = _choice_macs(model, x, lambda conv, hw: decomposition_options(
+        conv, hw, ("cp-filter", "tucker2", "cp-layer", "svd"), (4, 2, 1)))
     generator = torch.Generator().manual_seed(seed)
     keep = torch.tensor([
         g.channels if g.protected else int(torch.randint(g.channels // 2, g.channels + 1, (1,), generator=generator))
