@@ -59,6 +59,19 @@ def _batch_input(batch: Any, index: int) -> Tensor:
     )
 
 
+def check_iterable(calibration: Any, example: str) -> None:
+    """``UserError`` unless ``calibration`` is an iterable of batches (a tensor or a string is not)."""
+    if isinstance(calibration, (Tensor, str, bytes)) or not isinstance(calibration, Iterable):
+        raise UserError(f"calibration must be an iterable of batches (e.g. {example}), "
+                        f"got {type(calibration).__name__}")
+
+
+def check_batch_finite(x: Tensor, index: int) -> None:
+    """``UserError`` naming calibration batch ``index`` when ``x`` holds NaN or infinite values."""
+    if (x.is_floating_point() or x.is_complex()) and not bool(torch.isfinite(x).all()):
+        raise UserError(f"calibration batch {index} has NaN or infinite values: check the data and its transforms")
+
+
 def calibration_inputs(
     calibration: Iterable[Any],
     example_inputs: Any,
@@ -87,11 +100,7 @@ def calibration_inputs(
         raise UserError("example_inputs must have a batch dimension, e.g. torch.randn(1, 3, 32, 32)")
     if max_images is not None:
         check_int(max_images, "max_images")
-    if isinstance(calibration, (Tensor, str, bytes)) or not isinstance(calibration, Iterable):
-        raise UserError(
-            f"calibration must be an iterable of batches (e.g. a DataLoader or a list of tensors), "
-            f"got {type(calibration).__name__}"
-        )
+    check_iterable(calibration, "a DataLoader or a list of tensors")
     target = torch.device(device) if device is not None else example.device
     image = tuple(example.shape[1:])
     inputs: list[Tensor] = []
@@ -107,8 +116,7 @@ def calibration_inputs(
             continue
         if max_images is not None:
             x = x[: max_images - seen]
-        if (x.is_floating_point() or x.is_complex()) and not bool(torch.isfinite(x).all()):
-            raise UserError(f"calibration batch {index} has NaN or infinite values: check the data and its transforms")
+        check_batch_finite(x, index)
         x = x.to(target, dtype=example.dtype) if x.is_floating_point() and example.is_floating_point() else x.to(target)
         inputs.append(x)
         seen += x.shape[0]

@@ -213,17 +213,16 @@ def compress(
     decompose_finetune = decompose_finetune or FineTune()
     prune_finetune = prune_finetune or FineTune()
     task: Task
+    parts = check_parts(model, detector_parts)  # None for a classifier (UserError if it was given parts)
     if takes_image_list(model):
         from norton.detection.task import DetectionTask
 
         task = DetectionTask(loaders, tuple(input_size), device, progress=progress)
-        parts = check_parts(model, detector_parts)
         assert parts is not None  # a detector
         task.check(decompose_finetune, prune_finetune, order=order, target_latency=target_latency,
                    compress_rate=compress_rate, parts=parts)
     else:
         task = ClassificationTask(loaders, tuple(input_size), device, progress=progress)
-        parts = check_parts(model, detector_parts)  # UserError: detector_parts given for a classifier
     example: Any = task.example()  # a batch tensor, or a detector's list of images
 
     model = copy.deepcopy(model).to("cpu")

@@ -43,7 +43,7 @@ from norton.auto.sensitivity import Curve, Unit, decompose_unit, prune_unit, sen
 from norton.complexity import count_complexity
 from norton.compress_arguments import AUTO_CRITERION, parse_target_latency
 from norton.deploy.tolerance import DTYPES, dtype_name
-from norton.detection.parts import AUTO_PARTS, check_parts, in_parts, parts_macs
+from norton.detection.parts import AUTO_PARTS, check_parts, parts_macs, parts_predicate
 from norton.errors import UserError
 from norton.example_inputs import ExampleInputs, first_tensor, model_device, module_input_shapes
 from norton.limits import check_int, check_target_macs
@@ -361,7 +361,7 @@ def _search(
     work.eval()
     for parameter in work.parameters():
         parameter.requires_grad_(False)
-    inside = None if parts is None else (lambda name: in_parts(name, parts))  # a detector: its parts' MACs only
+    inside = parts_predicate(parts)  # a detector: its parts' MACs only
     widths = MacModel(work, example_inputs, groups, include=inside)
     leaf_names = widths.leaf_names
     convs = {

@@ -63,14 +63,12 @@ def detector_calibration_inputs(
     that holds no images, an image that is not ``(C, H, W)`` with the detector's channel count,
     non-finite values.
     """
-    from norton.calibration import EMPTY
+    from norton.calibration import EMPTY, check_iterable
     from norton.example_inputs import model_device
 
     if max_images is not None:
         check_int(max_images, "max_images")
-    if isinstance(calibration, (Tensor, str, bytes)) or not isinstance(calibration, Iterable):
-        raise UserError(f"calibration must be an iterable of batches (e.g. a DataLoader over detection images), "
-                        f"got {type(calibration).__name__}")
+    check_iterable(calibration, "a DataLoader over detection images")
     target = torch.device(device) if device is not None else model_device(detector)
     transform: Any = detector.transform
     channels = len(transform.image_mean)
@@ -100,6 +98,8 @@ def detector_calibration_inputs(
 
 def _batch_images(batch: Any, index: int, channels: int) -> list[Tensor]:
     """The images of one calibration batch as a list of checked ``(C, H, W)`` tensors."""
+    from norton.calibration import check_batch_finite
+
     images = batch
     if isinstance(batch, (tuple, list)) and batch and not isinstance(batch[0], Tensor):
         images = batch[0]  # (images, targets)
@@ -115,6 +115,5 @@ def _batch_images(batch: Any, index: int, channels: int) -> list[Tensor]:
         if image.ndim != 3 or image.shape[0] != channels:
             raise UserError(f"calibration batch {index} has an image of shape {tuple(image.shape)}; the detector "
                             f"takes images of shape ({channels}, H, W)")
-        if image.is_floating_point() and not bool(torch.isfinite(image).all()):
-            raise UserError(f"calibration batch {index} has NaN or infinite values: check the data and its transforms")
+        check_batch_finite(image, index)
     return list(images)

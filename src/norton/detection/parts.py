@@ -16,7 +16,7 @@ Importing this module imports nothing heavy.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from torch import nn
@@ -81,6 +81,13 @@ def layers_in_parts(
         raise UserError(f"the detector's {', '.join(chosen)} has no layer {what} takes "
                         "(the box head's fc6/fc7 are Linear layers: use method='svd')")
     return kept
+
+
+def parts_predicate(parts: Sequence[str] | None) -> Callable[[str], bool] | None:
+    """Whether a layer name lies inside ``parts``; ``None`` (every layer) for a model that is no detector."""
+    if parts is None:
+        return None
+    return lambda name: in_parts(name, parts)
 
 
 def parts_macs(model: nn.Module, example_inputs: Any, parts: Sequence[str] | None, *, original: bool = False) -> int:

@@ -195,11 +195,10 @@ def plan_prune(
         keep_from_compress_rate(groups, model, amount["compress_rate"])
     else:
         check_round_to_widths(groups, round_to)  # before the MACs count
-        from norton.detection.parts import check_parts, in_parts, parts_macs
+        from norton.detection.parts import check_parts, parts_macs, parts_predicate
 
         parts = check_parts(model, detector_parts)  # a detector's target is a fraction of its parts' MACs
-        macs = MacModel(work, example_inputs, groups,
-                        include=None if parts is None else (lambda name: in_parts(name, parts)))
+        macs = MacModel(work, example_inputs, groups, include=parts_predicate(parts))
         keep_from_target_macs(groups, macs, amount["target_macs"], round_to, model=model, example_inputs=example_inputs,
                               original=parts_macs(model, example_inputs, parts, original=True))
     _check_removes_something(groups, amount)
