@@ -6,6 +6,9 @@ Every method is ``method(model, example, budget, calibration, seed) -> (compress
 batches (512 images), ``details`` is plain data stored with the result (ranks, ratios, ...).
 
 * ``auto``: :func:`norton.auto_compress` on the calibration images (no labels given);
+* ``auto-latency``: the same with ``target_latency=budget``: for this method (:data:`LATENCY_METHODS`)
+  the budget is a fraction of the baseline's CPU latency at batch :data:`LATENCY_BATCH` (the batch
+  the benchmark's latency column is timed at), not of its MACs;
 * ``paper``: the paper's uniform path, :func:`norton.decompose` at rank :func:`paper_rank`, then
   :func:`norton.prune` with ``target_macs=budget`` and the ``pabs`` criterion;
 * ``tp-*``: Torch-Pruning 1.6's documented pruner (``tp.pruner.BasePruner``, of which
@@ -26,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 import norton
+from _pareto_report import LATENCY_METHODS  # noqa: F401  (the methods whose budget is a latency fraction)
 
 Batches = list[tuple[Tensor, Tensor]]
 Method = Callable[[nn.Module, Tensor, float, Batches, int], tuple[nn.Module, dict[str, Any]]]
@@ -66,6 +70,22 @@ def auto(model: nn.Module, example: Tensor, budget: float, calibration: Batches,
     compressed = auto_compress(model, example, target_macs=budget, calibration=images, progress=False)
     plan = getattr(compressed, "norton_plan", [])
     return compressed, {"plan_ops": [record.get("op") for record in plan]}
+
+
+LATENCY_BATCH = 64
+
+
+def auto_latency(model: nn.Module, example: Tensor, budget: float, calibration: Batches,
+                 seed: int) -> tuple[nn.Module, dict[str, Any]]:
+    """:func:`norton.auto_compress` with ``target_latency=budget`` at batch :data:`LATENCY_BATCH` on the CPU."""
+    torch.manual_seed(seed)
+    images = [x for x, _ in calibration]
+    batch = example.expand(LATENCY_BATCH, *example.shape[1:]).contiguous()
+    compressed = norton.auto_compress(model, batch, target_latency=budget, calibration=images, progress=False)
+    report = compressed.norton_auto_report
+    return compressed, {"plan_ops": [record.get("op") for record in getattr(compressed, "norton_plan", [])],
+                        "target_latency_ms": report.target_latency_ms, "latency_before_ms": report.latency_before_ms,
+                        "latency_after_ms": report.latency_after_ms, "latency_passes": report.latency_passes}
 
 
 def paper_rank(budget: float) -> int:
@@ -213,6 +233,7 @@ def _tp_method(importance: str, global_pruning: bool) -> Method:
 
 METHODS: dict[str, Method] = {
     "auto": auto,
+    "auto-latency": auto_latency,
     "paper": paper,
     "tp-l1-uniform": _tp_method("l1", False),
     "tp-l1-global": _tp_method("l1", True),

@@ -6,6 +6,7 @@ filled piece by piece. The baseline is one record too (method ``"baseline"``, bu
 """
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import statistics
@@ -80,15 +81,26 @@ def _method_label(method: str, distill: bool) -> str:
     return f"{method} + distillation" if distill else method
 
 
+# Methods whose budget is a fraction of the baseline's batch-64 latency, not of its MACs (the
+# report keeps this list itself, so that --report-only reads a results file without the methods).
+LATENCY_METHODS = frozenset({"auto-latency"})
+NORTON_METHODS = ("auto", "auto-latency")  # compared with Torch-Pruning at the same latency
+PEER_PREFIX = "tp-"
+
+
 def render_tables(records: Sequence[Mapping[str, Any]], model: str) -> str:
-    """One markdown table per budget (largest first): mean ± std over seeds, ``n`` seeds shown."""
+    """One markdown table per budget (largest first; MACs budgets, then latency budgets): mean ± std
+    over seeds, ``n`` seeds shown."""
     groups = grouped(records, model)
     out = []
-    for budget in sorted({key[0] for key in groups}, reverse=True):
+    budgets = sorted({(key[1] in LATENCY_METHODS, key[0]) for key in groups}, key=lambda b: (b[0], -b[1]))
+    for by_latency, budget in budgets:
         header = ["method", "fine-tuning epochs", "n"] + [title for title, _, _ in COLUMNS]
-        lines = [f"**{budget:g} of the baseline's MACs**", "", "| " + " | ".join(header) + " |",
+        what = "batch-64 latency" if by_latency else "MACs"
+        lines = [f"**{budget:g} of the baseline's {what}**", "", "| " + " | ".join(header) + " |",
                  "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
-        rows = [(key, group) for key, group in groups.items() if key[0] == budget]
+        rows = [(key, group) for key, group in groups.items()
+                if key[0] == budget and (key[1] in LATENCY_METHODS) == by_latency]
 
         def order(item: tuple[tuple[float, str, int, bool], list[Mapping[str, Any]]]) -> tuple[int, float]:
             finetuned = [r["top1_finetuned"] for r in item[1] if r.get("top1_finetuned") is not None]
@@ -99,6 +111,75 @@ def render_tables(records: Sequence[Mapping[str, Any]], model: str) -> str:
             lines.append("| " + " | ".join([_method_label(method, distill), str(epochs), str(len(group)), *cells]) + " |")
         out.append("\n".join(lines))
     return "\n\n".join(out)
+
+
+def _mean_point(group: Sequence[Mapping[str, Any]]) -> tuple[float, float] | None:
+    """``(mean batch-64 speed-up, mean top-1 after fine-tuning)`` of one group, if both were measured."""
+    speed = [r["speedup_b64"] for r in group if r.get("speedup_b64") is not None]
+    top1 = [r["top1_finetuned"] for r in group if r.get("top1_finetuned") is not None]
+    return (statistics.fmean(speed), statistics.fmean(top1)) if speed and top1 else None
+
+
+def frontier(points: Iterable[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The upper-left envelope of ``(speed-up, top-1)`` points: for each point kept, no other point is
+    at least as fast and more accurate; sorted by speed-up."""
+    kept: list[tuple[float, float]] = []
+    for speed, top1 in sorted(points, key=lambda p: (-p[0], -p[1])):  # fastest first
+        if not kept or top1 > kept[-1][1]:
+            kept.append((speed, top1))
+    return kept[::-1]
+
+
+def at_speedup(envelope: Sequence[tuple[float, float]], speed: float) -> float | None:
+    """The frontier's top-1 at ``speed``, linear between its points; ``None`` outside its span."""
+    for (s0, a0), (s1, a1) in itertools.pairwise(envelope):
+        if s0 <= speed <= s1:
+            return a0 + (a1 - a0) * (speed - s0) / (s1 - s0) if s1 > s0 else max(a0, a1)
+    if len(envelope) == 1 and abs(envelope[0][0] - speed) < 1e-9:
+        return envelope[0][1]
+    return None
+
+
+def render_same_latency(records: Sequence[Mapping[str, Any]], model: str) -> str:
+    """norton's points against Torch-Pruning's at the same batch-64 CPU latency (issue 12's test).
+
+    Torch-Pruning's frontier is drawn through every ``tp-*`` setting and budget at the same
+    fine-tuning epochs (mean over seeds); a norton point is compared with the frontier's top-1
+    at its own speed-up (linear between the two frontier points around it), and with the most
+    accurate Torch-Pruning model that is at least as fast.
+    """
+    groups = grouped(records, model)
+    rows = []
+    for (budget, method, epochs, distill), group in sorted(groups.items(), key=lambda kv: (kv[0][1], -kv[0][0])):
+        point = _mean_point(group)
+        if method not in NORTON_METHODS or distill or point is None:
+            continue
+        peers = [(key, p) for key, g in groups.items() if key[1].startswith(PEER_PREFIX) and key[2] == epochs
+                 and not key[3] and (p := _mean_point(g)) is not None]
+        if not peers:
+            continue
+        envelope = frontier(p for _, p in peers)
+        same = at_speedup(envelope, point[0])
+        faster = [(key, p) for key, p in peers if p[0] >= point[0]]
+        best = max(faster, key=lambda kp: kp[1][1]) if faster else None
+        what = "latency" if method in LATENCY_METHODS else "MACs"
+        rows.append("| " + " | ".join([
+            f"{method} at {budget:g} of the {what}", str(epochs), str(len(group)), f"{point[0]:.2f}", f"{point[1]:.2f}",
+            "—" if same is None else f"{same:.2f}", "—" if same is None else f"{point[1] - same:+.2f}",
+            "none" if best is None else f"{best[0][1]} at {best[0][0]:g} of the MACs: {best[1][1]:.2f} "
+            f"({best[1][0]:.2f}x)",
+            "—" if best is None else f"{point[1] - best[1][1]:+.2f}",
+        ]) + " |")
+    if not rows:
+        return ""
+    header = ["norton model", "fine-tuning epochs", "n", "speed-up b=64 (x)", "top-1 (%)",
+              "Torch-Pruning frontier at that speed-up (%)", "lead", "best Torch-Pruning model at least as fast",
+              "lead over it"]
+    return "\n".join([
+        "**At the same CPU latency (batch 64)**: each norton model against Torch-Pruning's frontier (every "
+        "`tp-*` setting and budget, mean over seeds) at the model's own speed-up over the baseline, and against "
+        "the most accurate Torch-Pruning model at least as fast (— : no Torch-Pruning model spans that speed-up).",
+        "", "| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|", *rows])
 
 
 def baseline_line(records: Sequence[Mapping[str, Any]], model: str) -> str | None:

@@ -39,7 +39,7 @@ import _pareto_data as data_lib  # the _pareto_* helpers: next to this file, fir
 import _pareto_report as report
 import norton
 from _common import cpu_name, parse_list
-from _pareto_methods import METHODS, MethodUnavailable, macs_fraction, unavailable
+from _pareto_methods import LATENCY_METHODS, METHODS, MethodUnavailable, macs_fraction, unavailable
 from norton.deploy.benchmark import time_models, torch_runner
 from norton.deploy.timing import environment
 from norton.errors import UserError
@@ -47,7 +47,8 @@ from norton.limits import check_distillation, check_epochs, check_int, check_tar
 from norton.training.distributed import resolve_device
 
 BASELINE_EPOCHS = {"resnet_20": 8, "resnet_56": 8}
-DEFAULTS = {"budgets": "0.5,0.3,0.2,0.1", "methods": ",".join(METHODS), "seeds": "0,1,2"}
+MACS_METHODS = [m for m in METHODS if m not in LATENCY_METHODS]
+DEFAULTS = {"budgets": "0.5,0.3,0.2,0.1", "methods": ",".join(MACS_METHODS), "seeds": "0,1,2"}
 # --quick: 512 training and 512 test images, one budget, two methods, one epoch (4 steps) everywhere.
 QUICK: dict[str, Any] = {"limit": 512, "budgets": "0.5", "methods": "tp-l1-uniform,paper", "seeds": "0",
                          "epochs": 1, "baseline_epochs": 1}
@@ -57,7 +58,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="resnet_20", choices=sorted(BASELINE_EPOCHS))
     parser.add_argument("--budgets", help=f"fractions of the baseline's MACs (default {DEFAULTS['budgets']})")
-    parser.add_argument("--methods", help=f"from {', '.join(METHODS)} (default all)")
+    parser.add_argument("--methods", help=f"from {', '.join(METHODS)} (default all but "
+                                          f"{', '.join(sorted(LATENCY_METHODS))})")
+    parser.add_argument("--latency-budgets", default="",
+                        help="fractions of the baseline's batch-64 CPU latency for auto-latency (e.g. 0.8,0.6)")
     parser.add_argument("--seeds", help=f"default {DEFAULTS['seeds']}")
     parser.add_argument("--epochs", type=int, default=1, help="fine-tuning epochs (default 1; 5 for the finalists)")
     parser.add_argument("--baseline-epochs", type=int, default=None, help="default: 8 (about 92%% top-1)")
@@ -90,6 +94,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
         raise UserError(f"unknown method {unknown[0]!r}: choose from {', '.join(METHODS)}")
+    args.latency_budgets = [check_target_macs(b, "--latency-budgets")
+                            for b in parse_list(args.latency_budgets, float, "latency budgets")] \
+        if args.latency_budgets else []
+    if any(b >= 1 for b in args.latency_budgets):
+        raise UserError(f"--latency-budgets are fractions of the baseline's latency in (0, 1), got {args.latency_budgets}")
+    if any(m in LATENCY_METHODS for m in args.methods) and not args.latency_budgets:
+        raise UserError("auto-latency's budgets are fractions of the baseline's latency: give them with "
+                        "--latency-budgets, e.g. --latency-budgets 0.8,0.6")
     args.seeds = [check_int(s, "--seeds", minimum=0) for s in parse_list(args.seeds, int, "seeds")]
     args.epochs = check_epochs(args.epochs, "--epochs", minimum=1)
     args.baseline_epochs = check_epochs(args.baseline_epochs or BASELINE_EPOCHS[args.model], "--baseline-epochs",
@@ -219,11 +231,15 @@ def run_grid(args: argparse.Namespace, results: Path) -> None:
     if base is None:
         base = baseline_record(args, env, data, baseline, metadata)
         report.append_result(base, results)
+    # MACs budgets for the MACs methods; --latency-budgets for the latency ones (auto-latency, also
+    # when --methods does not name it).
+    pieces = [(budget, method) for budget in args.budgets for method in methods if method not in LATENCY_METHODS]
+    pieces += [(budget, method) for budget in args.latency_budgets for method in sorted(LATENCY_METHODS)]
     todo = [{"model": args.model, "method": method, "budget": budget, "seed": seed, "epochs": args.epochs,
-             "distill": bool(args.distill)}
-            for budget in args.budgets for method in methods for seed in args.seeds]
+             "distill": bool(args.distill)} for budget, method in pieces for seed in args.seeds]
     for index, key in enumerate(todo, 1):
-        label = f"[{index}/{len(todo)}] {key['method']} at {key['budget']:g} of the MACs, seed {key['seed']}, " \
+        unit = "latency" if key["method"] in LATENCY_METHODS else "MACs"
+        label = f"[{index}/{len(todo)}] {key['method']} at {key['budget']:g} of the {unit}, seed {key['seed']}, " \
                 f"{key['epochs']} epoch(s)"
         if report.record_key(key) in done:
             print(f"{label}: done before, skipped", flush=True)
@@ -253,6 +269,7 @@ def render(args: argparse.Namespace, results: Path) -> None:
         *[f"Measured on: {line}." for line in report.environments(mine)], "",
         report.baseline_line(records, args.model) or "", "",
         report.render_tables(records, args.model), "",
+        report.render_same_latency(records, args.model), "",
         f"![top-1 against MACs]({images[0]})", f"![top-1 against batch-64 latency]({images[1]})",
     ])
     report.write_document(docs, args.model, body)

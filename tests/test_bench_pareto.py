@@ -134,9 +134,48 @@ def test_a_second_run_skips_the_keys_the_first_wrote(tmp_path, monkeypatch):
     assert [r["method"] for r in records] == ["baseline", "paper", "paper"]  # the baseline record written once
 
 
+def test_latency_budgets_add_auto_latency_runs_after_the_macs_ones(tmp_path, monkeypatch):
+    class FakeData:
+        input_size = (1, 8, 8)
+        splits = None
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten(), torch.nn.Linear(72, 10))
+    monkeypatch.setattr(bench_pareto.data_lib, "build_data", lambda **_: FakeData())
+    monkeypatch.setattr(bench_pareto.data_lib, "trained_baseline",
+                        lambda *a, **k: (model, {"seed": 0, "epochs": 1, "test_top1": 90.0, "train_seconds": 1.0}))
+    monkeypatch.setattr(bench_pareto, "measure", lambda *a, **k: {"macs": 1000})
+    calls = []
+    monkeypatch.setattr(bench_pareto, "run_one", lambda args, env, data, baseline, base, key:
+                        calls.append((key["method"], key["budget"])) or {**key, "top1_finetuned": 80.0})
+    argv = ["--out", str(tmp_path), "--budgets", "0.5", "--methods", "paper", "--latency-budgets", "0.8,0.6",
+            "--seeds", "0", "--device", "cpu"]
+    bench_pareto.run_grid(bench_pareto.parse_args(argv), tmp_path / "results.jsonl")
+    assert calls == [("paper", 0.5), ("auto-latency", 0.8), ("auto-latency", 0.6)]
+    assert "auto-latency" not in bench_pareto.parse_args([]).methods  # MACs budgets never go to it by default
+
+
+def test_auto_latency_times_at_batch_64_and_records_the_report(monkeypatch):
+    seen = {}
+
+    def fake_auto_compress(model, example, **kwargs):
+        seen.update(shape=tuple(example.shape), **kwargs)
+        small = torch.nn.Sequential()
+        small.norton_auto_report = type("R", (), {"target_latency_ms": 5.0, "latency_before_ms": 10.0,
+                                                  "latency_after_ms": 5.2, "latency_passes": [{"goal_ms": 5.0}]})()
+        return small
+
+    monkeypatch.setattr(norton, "auto_compress", fake_auto_compress)
+    _, details = methods.METHODS["auto-latency"](_resnet20(), torch.zeros(1, 1, 32, 32), 0.6, _calibration(), 0)
+    assert seen["shape"] == (64, 1, 32, 32) and seen["target_latency"] == 0.6
+    assert all(isinstance(x, torch.Tensor) for x in seen["calibration"])  # images only, no labels
+    assert details["latency_after_ms"] == 5.2 and details["target_latency_ms"] == 5.0
+
+
 def test_bad_options_are_one_line_errors(capsys):
     for argv, expected in ((["--budgets", "0.5,1.5"], "--budgets"), (["--methods", "tp-foo"], "unknown method"),
-                           (["--seeds", "a"], "--seeds"), (["--epochs", "0"], "--epochs")):
+                           (["--seeds", "a"], "--seeds"), (["--epochs", "0"], "--epochs"),
+                           (["--latency-budgets", "1.2"], "--latency-budgets"),
+                           (["--methods", "auto-latency"], "--latency-budgets")):
         assert bench_pareto.main(argv) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and expected in err, err
@@ -171,6 +210,42 @@ def test_table_shows_mean_and_std_over_seeds():
         "| tp-l1-uniform | 1 | 1 | — | 90.00 | 0.296 | 120.0k | 2.00 | 40.0 | 1.50 | 3.0 |"
     )
     assert report.render_tables(records, "resnet_20") == expected
+
+
+def test_latency_budgets_get_their_own_tables():
+    records = [_record("tp-l1-uniform", 0.5, 0, 92.5), _record("auto-latency", 0.5, 0, 93.0)]
+    text = report.render_tables(records, "resnet_20")
+    macs, latency = text.split("**0.5 of the baseline's batch-64 latency**")
+    assert "| tp-l1-uniform |" in macs and "auto-latency" not in macs
+    assert "| auto-latency |" in latency and "tp-l1" not in latency
+
+
+def test_frontier_keeps_only_points_no_faster_point_beats():
+    points = [(1.0, 93.0), (1.2, 92.0), (1.3, 92.5), (1.6, 91.0), (1.5, 90.0), (2.0, 89.0)]
+    assert report.frontier(points) == [(1.0, 93.0), (1.3, 92.5), (1.6, 91.0), (2.0, 89.0)]
+    envelope = report.frontier(points)
+    assert report.at_speedup(envelope, 1.45) == pytest.approx(91.75)
+    assert report.at_speedup(envelope, 1.3) == pytest.approx(92.5)
+    assert report.at_speedup(envelope, 0.9) is None and report.at_speedup(envelope, 2.1) is None
+
+
+def test_same_latency_table_compares_with_the_frontier_and_the_best_faster_peer():
+    def point(method, budget, speed, top1, seed=0):
+        return {**_record(method, budget, seed, top1), "speedup_b64": speed}
+
+    records = [point("tp-l1-uniform", 0.5, 1.2, 92.0), point("tp-l1-global", 0.3, 1.6, 91.0),
+               point("tp-lamp-global", 0.3, 1.7, 90.0), point("auto-latency", 0.7, 1.4, 92.0),
+               point("auto-latency", 0.7, 1.4, 91.8, seed=1), point("paper", 0.5, 1.3, 99.0),
+               point("auto", 0.2, 3.0, 88.0)]
+    rows = [line for line in report.render_same_latency(records, "resnet_20").splitlines() if line.startswith("| auto")]
+    latency = next(r for r in rows if r.startswith("| auto-latency"))
+    cells = [c.strip() for c in latency.strip("|").split("|")]
+    # frontier at 1.4x: halfway between (1.2, 92.0) and (1.6, 91.0) -> 91.5; auto-latency's mean 91.9
+    assert cells[1:7] == ["1", "2", "1.40", "91.90", "91.50", "+0.40"]
+    assert cells[7] == "tp-l1-global at 0.3 of the MACs: 91.00 (1.60x)" and cells[8] == "+0.90"
+    beyond = next(r for r in rows if r.startswith("| auto at"))
+    assert "| none |" in beyond and "| — |" in beyond  # faster than every Torch-Pruning model: nothing to compare
+    assert not any(r.startswith("| paper") for r in report.render_same_latency(records, "resnet_20").splitlines())
 
 
 def test_document_section_is_replaced_between_its_markers_only(tmp_path):

@@ -244,3 +244,40 @@ def test_distilling_stages_learn_from_the_uncompressed_input_model(tiny_loaders,
         torch.testing.assert_close(teacher.to("cpu")(x), uncompressed)
     assert decomposed_fit.history[0]["train_loss_kind"] == "distillation"
     assert pruned_fit.history[0]["train_loss_kind"] == "cross_entropy"
+
+
+class _FakeTask:
+    """A task whose fine-tuning adds 1 to every weight and reports ``best`` as its best validation score."""
+
+    metric, label = "top1", "top-1"
+
+    def __init__(self, best, split="validation"):
+        self.best, self.split = best, split
+
+    def before_split(self):
+        return self.split
+
+    def score(self, model, *, before):
+        return {"top1": 50.0}
+
+    def fine_tune(self, model, recipe, folder, *, resume, seed, stage, teacher):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+        return self.best
+
+    def complexity(self, model):
+        return {"macs": 1, "params": 1}
+
+
+@pytest.mark.parametrize("best, split, kept", [(40.0, "validation", True), (60.0, "validation", False),
+                                               (40.0, "test", False), (None, "validation", False)])
+def test_a_fine_tuning_worse_on_validation_than_its_start_is_undone(best, split, kept):
+    model = torch.nn.Linear(3, 2)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    logs = []
+    out, record = pipeline._run_stage("pruned", model, lambda m: m, ONE_EPOCH, _FakeTask(best, split), out=None,
+                                      resume=False, seed=0, log=logs.append)
+    assert record["kept_model_before_finetune"] is kept
+    assert all(torch.equal(start[k], v) is kept for k, v in out.state_dict().items())
+    assert any("keeping the model before fine-tuning" in line for line in logs) is kept

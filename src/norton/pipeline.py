@@ -86,8 +86,10 @@ class Task(Protocol):
         ...
 
     def fine_tune(self, model: nn.Module, recipe: FineTune, folder: Path | None, *, resume: bool, seed: int,
-                  stage: str, teacher: nn.Module | None) -> None:
-        """Fine-tune ``model`` in place by ``recipe``, checkpointing into ``folder`` (resumable)."""
+                  stage: str, teacher: nn.Module | None) -> float | None:
+        """Fine-tune ``model`` in place by ``recipe``, checkpointing into ``folder`` (resumable); leaves it
+        holding its best epoch and returns that epoch's validation ``metric`` (``None`` without a
+        validation split)."""
         ...
 
     def complexity(self, model: nn.Module) -> dict[str, int]:
@@ -120,15 +122,15 @@ class ClassificationTask:
         return {"top1": metrics["top1"], "top5": metrics["top5"], "test_loss": metrics["loss"]}
 
     def fine_tune(self, model: nn.Module, recipe: FineTune, folder: Path | None, *, resume: bool, seed: int,
-                  stage: str, teacher: nn.Module | None) -> None:
-        fit(
+                  stage: str, teacher: nn.Module | None) -> float | None:
+        return fit(
             model, self.loaders, epochs=recipe.epochs, lr=recipe.lr, momentum=recipe.momentum,
             weight_decay=recipe.weight_decay, warmup_epochs=recipe.warmup_epochs,
             label_smoothing=recipe.label_smoothing, amp=recipe.amp, teacher=teacher,
             distill_alpha=recipe.distill_alpha, distill_temperature=recipe.distill_temperature,
             device=self.device, output_dir=folder, resume=resume, seed=seed, progress=self.progress,
             args={"stage": stage},
-        )
+        ).best_val_top1
 
     def complexity(self, model: nn.Module) -> dict[str, int]:
         counted = count_complexity(model, tuple(self.input_size))
@@ -337,16 +339,28 @@ def _run_stage(
     try:
         before = task.score(model, before=True)
         log(f"{name}: {split} {task.label} {before[task.metric]:.2f}% before fine-tuning")
+        kept_start = False
         if recipe.epochs > 0:
-            task.fine_tune(model, recipe, folder, resume=resume and folder is not None and (folder / "last.pt").exists(),
-                           seed=seed, stage=name, teacher=teacher)
+            # The model before fine-tuning is a candidate too ("epoch 0"): a fine-tuning whose best
+            # validation epoch scores below it (too high an lr for a model that recovery already
+            # brought close) is undone. Judged on validation only, never on the test split.
+            start_state = {key: value.detach().clone() for key, value in model.state_dict().items()}
+            best = task.fine_tune(model, recipe, folder,
+                                  resume=resume and folder is not None and (folder / "last.pt").exists(),
+                                  seed=seed, stage=name, teacher=teacher)
+            kept_start = split == "validation" and best is not None and best < before[task.metric]
+            if kept_start:
+                model.load_state_dict(start_state)
+                log(f"{name}: fine-tuning's best validation {task.label} {best:.2f}% is below the "
+                    f"{before[task.metric]:.2f}% before it: keeping the model before fine-tuning")
+            del start_state
         test = task.score(model, before=False)
     finally:
         _restore_forms(model, forms)
     model.to("cpu")
     record: dict[str, Any] = {"name": name, **task.complexity(model), **test}
     record.update({f"{split}_{task.metric}_before_finetune": before[task.metric], "finetune_epochs": recipe.epochs,
-                   "seconds": time.perf_counter() - started})
+                   "kept_model_before_finetune": kept_start, "seconds": time.perf_counter() - started})
     log(f"{name}: test {task.label} {record[task.metric]:.2f}% after {recipe.epochs} fine-tuning epoch(s), "
         f"MACs {record['macs']:,}")
     if folder is not None:

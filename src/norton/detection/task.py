@@ -73,16 +73,17 @@ class DetectionTask:
         return {"AP": primary_ap(metrics), "coco": metrics}
 
     def fine_tune(self, model: nn.Module, recipe: FineTune, folder: Path | None, *, resume: bool, seed: int,
-                  stage: str, teacher: nn.Module | None) -> None:
+                  stage: str, teacher: nn.Module | None) -> float | None:
         from norton.detection.train import train_detector
 
         assert teacher is None  # refused by check()
-        train_detector(
+        history = train_detector(
             model, self.loaders.train, self.loaders.val, epochs=recipe.epochs, lr=recipe.lr, momentum=recipe.momentum,
             weight_decay=recipe.weight_decay, warmup_iters=self.warmup_iters, amp=recipe.amp, checkpoint_dir=folder,
             resume=resume, progress=self.progress, device=self.device, seed=seed, verbose=self.progress,
             args={"stage": stage},
         )
+        return history[-1]["best_val_ap"] if history else None
 
     def complexity(self, model: nn.Module) -> dict[str, int]:
         from norton.detection.complexity import detector_complexity
