@@ -97,6 +97,11 @@ def test_metadata_with_optimizer_state_round_trips(tmp_path):
     assert torch.equal(next(iter(restored.state.values()))["momentum_buffer"], first)
 
 
+def test_metadata_may_use_the_argument_names_model_and_path(tmp_path):
+    save(create_model("resnet_20"), tmp_path / "m.pt", model="resnet_20", path="runs/x")
+    assert load_checkpoint(tmp_path / "m.pt")["metadata"] == {"model": "resnet_20", "path": "runs/x"}
+
+
 def test_model_state_embeds_in_a_trainer_checkpoint(tmp_path, compressed_resnet):
     torch.save({"model": model_state(compressed_resnet), "epoch": 1}, tmp_path / "trainer.pt")
     record = torch.load(tmp_path / "trainer.pt", weights_only=True)["model"]

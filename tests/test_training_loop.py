@@ -59,6 +59,18 @@ def test_evaluate_with_fewer_than_five_classes_uses_all_of_them():
     assert (metrics["top1"], metrics["top5"]) == (50.0, 100.0)
 
 
+def test_evaluate_moves_the_model_to_the_device_and_to_eval_mode():
+    class Recording(ScoreTable):
+        def to(self, *args, **kwargs):
+            self.moved_to = args
+            return super().to(*args, **kwargs)
+
+    model = Recording(torch.tensor([[1.0, 0.0], [1.0, 0.0]])).train()
+    loader = DataLoader(TensorDataset(torch.arange(2), torch.tensor([0, 1])), batch_size=2)
+    evaluate(model, loader, device="cpu")
+    assert model.moved_to == (torch.device("cpu"),) and not model.training
+
+
 def test_train_one_epoch_lowers_the_loss(loaders):
     model = tiny_cnn()
     optimizer = build_optimizer(model, lr=0.05)

@@ -124,11 +124,12 @@ def _detector_names() -> tuple[str, ...]:
 
 # ---------------------------------------------------------------------- save / load
 def save(
-    model: nn.Module, path: str | os.PathLike, *, architecture: Mapping[str, Any] | None = None, **metadata: Any
+    model: nn.Module, path: str | os.PathLike, /, *, architecture: Mapping[str, Any] | None = None, **metadata: Any
 ) -> Path:
     """Write ``model`` to ``path`` atomically as a self-describing norton file.
 
-    ``metadata`` is stored as given (epoch, accuracy, ``optimizer=opt.state_dict()``, ...);
+    ``metadata`` is stored as given (epoch, accuracy, ``optimizer=opt.state_dict()``, ...; any
+    key, ``model=`` and ``path=`` too: the two arguments are positional-only);
     it must hold only tensors and plain data so the file loads with ``weights_only=True``.
     """
     _check_plain(metadata, "metadata")

@@ -167,10 +167,11 @@ def evaluate(
     Returns ``{"top1", "top5", "loss", "samples"}``. In a distributed run each rank
     evaluates its shard of ``loader`` (see :func:`norton.training.loaders.build_loaders`) and the
     counts are summed, so every image counts once. Pass the model without its DDP
-    wrapper: shards may differ in length.
+    wrapper: shards may differ in length. ``model`` is moved to ``device`` (as :func:`fit` does)
+    and left in eval mode.
     """
     device = torch.device(device)
-    model.eval()
+    model.to(device).eval()
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss_sum, top1 hits, top5 hits
     count = 0
     for images, target in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not shows_progress(progress)):
