@@ -10,6 +10,10 @@ and timed on the CPU at batch 1 and 64 after :func:`norton.optimize_for_inferenc
 folded, fastest CPDBlock forms; the same call for every model). Nothing is selected on the test
 images: there is no validation split, every run stops after its fixed number of epochs.
 
+``--latency-budgets`` adds ``auto-latency``: :func:`norton.auto_compress` with ``target_latency`` at
+those fractions of the baseline's batch-64 CPU latency; the report compares every norton model
+with Torch-Pruning's frontier at the same measured speed-up.
+
 One JSON object per ``(model, method, budget, seed, epochs)`` is appended to
 ``--out/results.jsonl``; keys already there are skipped, so a killed run resumes and the grid is
 filled piece by piece. The tables (mean ± std over seeds) and the two plots go to
@@ -17,6 +21,7 @@ filled piece by piece. The tables (mean ± std over seeds) and the two plots go 
 
     .venv/bin/python benchmarks/bench_pareto.py --budgets 0.5,0.3 --methods paper,tp-l1-uniform --seeds 0
     .venv/bin/python benchmarks/bench_pareto.py --methods auto,paper,tp-l1-global --epochs 5 --seeds 0,1,2
+    .venv/bin/python benchmarks/bench_pareto.py --methods auto-latency --latency-budgets 0.8,0.6 --seeds 0
     .venv/bin/python benchmarks/bench_pareto.py --report-only
     .venv/bin/python benchmarks/bench_pareto.py --quick            # a smoke test, under a minute
 """
