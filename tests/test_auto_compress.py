@@ -62,6 +62,16 @@ def auto_compress_quiet(model, x, target, calibration, **kwargs):
     return norton.auto_compress(model, x, target_macs=target, calibration=calibration, progress=False, **kwargs)
 
 
+def test_the_result_does_not_depend_on_the_global_random_state():
+    model = norton.create_model("resnet_20", num_classes=10).eval()
+    x, images = torch.randn(1, 3, 16, 16), _calibration((3, 16, 16))
+    results = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        results.append(auto_compress_quiet(model, x, 0.4, images))
+    assert results[0].norton_plan == results[1].norton_plan and _same(*results)
+
+
 def test_labels_are_optional_and_ignored():
     model = norton.create_model("resnet_20", num_classes=10).eval()
     x = torch.randn(1, 3, 16, 16)
