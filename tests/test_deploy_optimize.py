@@ -399,6 +399,28 @@ def test_twenty_random_decomposed_and_pruned_models_pass_the_check_in_float32_an
     assert seen == set(INFERENCE_FORMS)
 
 
+if torch.cuda.is_available():  # issue 12's GPU check; CI has no GPU (on a lent one: `pytest -k cuda` here)
+    @pytest.mark.parametrize(("dtype", "tf32"), [(torch.float32, False), (torch.float32, True),
+                                                 (torch.bfloat16, False), (torch.float16, False)],
+                             ids=["fp32", "tf32", "bf16", "fp16"])
+    def test_twenty_random_models_pass_the_check_on_cuda(dtype, tf32, monkeypatch):
+        from norton.deploy.tolerance import equivalence_tolerance
+
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", tf32)
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
+        for seed in range(20):
+            model, x = _random_compressed_model(seed)
+            model, x = model.cuda(), x.cuda()
+            with torch.no_grad():
+                expected = model(x)  # what the check compares with: float32 under the same TF32 setting
+            # check=True (the default) raises if the optimized model differs by more than the tolerance
+            optimized = optimize_for_inference(model, x, dtype=dtype,
+                                               memory_format=("contiguous", "channels_last")[seed % 2])
+            with torch.no_grad():
+                error = _relative(optimized(x.to(dtype)).float(), expected)
+            assert error <= equivalence_tolerance(dtype, "cuda", tf32), (dtype, tf32, seed, error)
+
+
 @pytest.mark.slow  # dynamo traces 18 modules, ~10-20 s
 def test_compile_times_every_form_compiled_and_records_it(monkeypatch):
     from norton.deploy import choice
