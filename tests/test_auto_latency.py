@@ -174,6 +174,24 @@ def test_auto_compress_to_a_latency_reuses_the_table(tmp_path, monkeypatch):
                                                   strict=True))
 
 
+def test_passes_stop_when_a_narrower_model_is_no_faster(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = norton.create_model("resnet_20", num_classes=10).eval()
+    monkeypatch.setattr(LatencyTable, "_measure", lambda self, c, i, o: 1e-3 * i * o)
+    timings = iter([{"reference": 10.0}, {"reference": 10.0, "result": 8.0}, {"reference": 10.0, "result": 7.95},
+                    {"reference": 10.0, "result": 5.0}])  # the input model, then a floor near 8 ms: +0.6% only
+    monkeypatch.setattr(latency, "measure_models", lambda models, x: next(timings))
+    with pytest.warns(UserWarning, match="not reached"):
+        small = norton.auto_compress(model, torch.randn(8, 3, 16, 16), target_latency=0.5, calibration=_calibration(),
+                                     progress=False, latency_cache=tmp_path, sensitivity_images=16,
+                                     calibration_images=16, latency_passes=3, ranks=(), recover=False)
+    report = small.norton_auto_report
+    # the second pass was not faster: no third pass, and the first (less pruned) model is returned
+    assert [p["measured_ms"] for p in report.latency_passes] == pytest.approx([8.0, 7.95])
+    assert report.latency_after_ms == 8.0 and report.latency_predicted_ms == pytest.approx(
+        report.latency_passes[0]["predicted_ms"])
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"target_macs": 0.5, "target_latency": 0.5}, "exactly one budget"),
     ({}, "exactly one budget"),

@@ -13,7 +13,8 @@ Four steps, each in its own module:
    layer's rank so the MACs land within 2% of the budget with the least summed change;
    with ``target_latency`` the cost is the latency predicted from a per-device table of
    layer timings (:mod:`norton.auto.latency`), and the result is timed and, if it misses
-   the target by more than 10%, allocated again with the measured/predicted ratio;
+   the target by more than 10%, allocated again with the measured/predicted ratio (until a
+   narrower model is no faster);
 3. **apply**: :func:`norton.prune` with the chosen widths (a ratio per group), then
    :func:`norton.decompose` of the pruned convolutions at the chosen ranks (one call per method),
    so the plan holds ordinary ``prune`` and ``decompose`` records that ``norton.load`` replays;
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,7 +50,9 @@ from norton.errors import UserError
 from norton.example_inputs import ExampleInputs, first_tensor, model_device, module_input_shapes
 from norton.limits import check_int, check_target_macs
 
-FRACTIONS = (0.75, 0.5, 0.25, 0.125)  # kept fractions of a group whose output change is measured
+FRACTIONS = (0.75, 0.5, 0.25, 0.125)
+# A latency correction pass must be this much faster than the pass before it, or the passes stop.
+MIN_LATENCY_GAIN = 0.02  # kept fractions of a group whose output change is measured
 RANKS = (4, 2, 1)  # CP ranks tried per 3x3 convolution (rank 4 costs about half of it)
 METHODS = ("cp-filter", "tucker2", "cp-layer", "svd")  # decompositions offered per layer by default (docs/auto_compress.md)
 MACS_TOLERANCE = 0.02
@@ -280,6 +284,10 @@ def _latency_compress(
         measured = times["result"] * (before / times["reference"] if unit == "fraction" else 1.0)
         history.append({"goal_ms": target_ms / correction, "predicted_ms": allocation.macs, "measured_ms": measured})
         miss = abs(measured / target_ms - 1)
+        if len(history) > 1 and measured > target_ms and measured >= history[-2]["measured_ms"] * (1 - MIN_LATENCY_GAIN):
+            # A narrower model that is no faster: what is left is per-operator time (activations,
+            # additions, launches) that no width removes. Stop before losing more accuracy for nothing.
+            break
         if best is None or miss < best[0]:
             best = (miss, result, plan, allocation, times)
         if miss <= LATENCY_TOLERANCE:
@@ -287,6 +295,11 @@ def _latency_compress(
         correction = measured / allocation.macs
     assert best is not None
     _, result, plan, allocation, times = best
+    reached = times["result"] * (before / times["reference"] if unit == "fraction" else 1.0)
+    if abs(reached / target_ms - 1) > LATENCY_TOLERANCE:
+        warnings.warn(f"target_latency {target_ms:.3g} ms not reached within {LATENCY_TOLERANCE:.0%}: the closest "
+                      f"model runs in {reached:.3g} ms ({len(history)} allocation pass(es), see "
+                      f"norton_auto_report.latency_passes); narrower layers stopped buying time", stacklevel=3)
     macs = count_complexity(result, example_inputs=example_inputs).macs
     result.norton_auto_report = AutoReport(  # type: ignore[assignment]
         target_macs=None, macs_before=plan.macs_before, macs_after=int(macs), predicted_change=allocation.cost,
