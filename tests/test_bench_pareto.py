@@ -102,7 +102,8 @@ def test_read_results_skips_a_torn_last_line_only(tmp_path):
         report.read_results(path)
 
 
-def test_a_second_run_skips_the_keys_the_first_wrote(tmp_path, monkeypatch):
+def _fake_data_and_baseline(monkeypatch):
+    """run_grid without data or training: a tiny model as the cached baseline."""
     class FakeData:
         input_size = (1, 8, 8)
         splits = None
@@ -111,6 +112,10 @@ def test_a_second_run_skips_the_keys_the_first_wrote(tmp_path, monkeypatch):
     monkeypatch.setattr(bench_pareto.data_lib, "build_data", lambda **_: FakeData())
     monkeypatch.setattr(bench_pareto.data_lib, "trained_baseline",
                         lambda *a, **k: (model, {"seed": 0, "epochs": 1, "test_top1": 90.0, "train_seconds": 1.0}))
+
+
+def test_a_second_run_skips_the_keys_the_first_wrote(tmp_path, monkeypatch):
+    _fake_data_and_baseline(monkeypatch)
     monkeypatch.setattr(bench_pareto, "measure", lambda *a, **k: {"macs": 1000, "macs_fraction": 1.0, "params": 5,
                                                                   "latency_ms_b1": 1.0, "latency_ms_b64": 9.0})
     calls = []
@@ -135,14 +140,7 @@ def test_a_second_run_skips_the_keys_the_first_wrote(tmp_path, monkeypatch):
 
 
 def test_latency_budgets_add_auto_latency_runs_after_the_macs_ones(tmp_path, monkeypatch):
-    class FakeData:
-        input_size = (1, 8, 8)
-        splits = None
-
-    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten(), torch.nn.Linear(72, 10))
-    monkeypatch.setattr(bench_pareto.data_lib, "build_data", lambda **_: FakeData())
-    monkeypatch.setattr(bench_pareto.data_lib, "trained_baseline",
-                        lambda *a, **k: (model, {"seed": 0, "epochs": 1, "test_top1": 90.0, "train_seconds": 1.0}))
+    _fake_data_and_baseline(monkeypatch)
     monkeypatch.setattr(bench_pareto, "measure", lambda *a, **k: {"macs": 1000})
     calls = []
     monkeypatch.setattr(bench_pareto, "run_one", lambda args, env, data, baseline, base, key:
