@@ -268,6 +268,7 @@ def _latency_compress(
     correction = 1.0  # measured / predicted of the last pass
     best: tuple[float, nn.Module, _Plan, Any, dict[str, float]] | None = None
     history: list[dict[str, float]] = []
+    floor = False  # stopped because a narrower model was no faster
     for _ in range(passes):
         try:
             allocation = allocate(latency, search.prune_curves, search.decompose_curves, target_ms / correction,
@@ -287,6 +288,7 @@ def _latency_compress(
         if len(history) > 1 and measured > target_ms and measured >= history[-2]["measured_ms"] * (1 - MIN_LATENCY_GAIN):
             # A narrower model that is no faster: what is left is per-operator time (activations,
             # additions, launches) that no width removes. Stop before losing more accuracy for nothing.
+            floor = True
             break
         if best is None or miss < best[0]:
             best = (miss, result, plan, allocation, times)
@@ -299,7 +301,8 @@ def _latency_compress(
     if abs(reached / target_ms - 1) > LATENCY_TOLERANCE:
         warnings.warn(f"target_latency {target_ms:.3g} ms not reached within {LATENCY_TOLERANCE:.0%}: the closest "
                       f"model runs in {reached:.3g} ms ({len(history)} allocation pass(es), see "
-                      f"norton_auto_report.latency_passes); narrower layers stopped buying time", stacklevel=3)
+                      f"norton_auto_report.latency_passes)"
+                      + ("; narrower layers stopped buying time" if floor else ""), stacklevel=3)
     macs = count_complexity(result, example_inputs=example_inputs).macs
     result.norton_auto_report = AutoReport(  # type: ignore[assignment]
         target_macs=None, macs_before=plan.macs_before, macs_after=int(macs), predicted_change=allocation.cost,
