@@ -6,7 +6,7 @@ Every method is ``method(model, example, budget, calibration, seed) -> (compress
 batches (512 images), ``details`` is plain data stored with the result (ranks, ratios, ...).
 
 * ``auto``: :func:`norton.auto_compress` on the calibration images (no labels given);
-* ``auto-latency``: the same with ``target_latency=budget``: for this method (:data:`LATENCY_METHODS`)
+* ``auto-latency``: the same with ``target_latency=budget``: for this method (``_pareto_report.LATENCY_METHODS``)
   the budget is a fraction of the baseline's CPU latency at batch :data:`LATENCY_BATCH` (the batch
   the benchmark's latency column is timed at), not of its MACs;
 * ``paper``: the paper's uniform path, :func:`norton.decompose` at rank :func:`paper_rank`, then
@@ -29,7 +29,6 @@ import torch
 from torch import Tensor, nn
 
 import norton
-from _pareto_report import LATENCY_METHODS  # noqa: F401  (the methods whose budget is a latency fraction)
 
 Batches = list[tuple[Tensor, Tensor]]
 Method = Callable[[nn.Module, Tensor, float, Batches, int], tuple[nn.Module, dict[str, Any]]]

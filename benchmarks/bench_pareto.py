@@ -44,7 +44,7 @@ import _pareto_data as data_lib  # the _pareto_* helpers: next to this file, fir
 import _pareto_report as report
 import norton
 from _common import cpu_name, parse_list
-from _pareto_methods import LATENCY_METHODS, METHODS, MethodUnavailable, macs_fraction, unavailable
+from _pareto_methods import METHODS, MethodUnavailable, macs_fraction, unavailable
 from norton.deploy.benchmark import time_models, torch_runner
 from norton.deploy.timing import environment
 from norton.errors import UserError
@@ -52,7 +52,7 @@ from norton.limits import check_distillation, check_epochs, check_int, check_tar
 from norton.training.distributed import resolve_device
 
 BASELINE_EPOCHS = {"resnet_20": 8, "resnet_56": 8}
-MACS_METHODS = [m for m in METHODS if m not in LATENCY_METHODS]
+MACS_METHODS = [m for m in METHODS if m not in report.LATENCY_METHODS]
 DEFAULTS = {"budgets": "0.5,0.3,0.2,0.1", "methods": ",".join(MACS_METHODS), "seeds": "0,1,2"}
 # --quick: 512 training and 512 test images, one budget, two methods, one epoch (4 steps) everywhere.
 QUICK: dict[str, Any] = {"limit": 512, "budgets": "0.5", "methods": "tp-l1-uniform,paper", "seeds": "0",
@@ -64,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", default="resnet_20", choices=sorted(BASELINE_EPOCHS))
     parser.add_argument("--budgets", help=f"fractions of the baseline's MACs (default {DEFAULTS['budgets']})")
     parser.add_argument("--methods", help=f"from {', '.join(METHODS)} (default all but "
-                                          f"{', '.join(sorted(LATENCY_METHODS))})")
+                                          f"{', '.join(sorted(report.LATENCY_METHODS))})")
     parser.add_argument("--latency-budgets", default="",
                         help="fractions of the baseline's batch-64 CPU latency for auto-latency (e.g. 0.8,0.6)")
     parser.add_argument("--seeds", help=f"default {DEFAULTS['seeds']}")
@@ -104,7 +104,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if args.latency_budgets else []
     if any(b >= 1 for b in args.latency_budgets):
         raise UserError(f"--latency-budgets are fractions of the baseline's latency in (0, 1), got {args.latency_budgets}")
-    if any(m in LATENCY_METHODS for m in args.methods) and not args.latency_budgets:
+    if any(m in report.LATENCY_METHODS for m in args.methods) and not args.latency_budgets:
         raise UserError("auto-latency's budgets are fractions of the baseline's latency: give them with "
                         "--latency-budgets, e.g. --latency-budgets 0.8,0.6")
     args.seeds = [check_int(s, "--seeds", minimum=0) for s in parse_list(args.seeds, int, "seeds")]
@@ -238,12 +238,12 @@ def run_grid(args: argparse.Namespace, results: Path) -> None:
         report.append_result(base, results)
     # MACs budgets for the MACs methods; --latency-budgets for the latency ones (auto-latency, also
     # when --methods does not name it).
-    pieces = [(budget, method) for budget in args.budgets for method in methods if method not in LATENCY_METHODS]
-    pieces += [(budget, method) for budget in args.latency_budgets for method in sorted(LATENCY_METHODS)]
+    pieces = [(budget, method) for budget in args.budgets for method in methods if method not in report.LATENCY_METHODS]
+    pieces += [(budget, method) for budget in args.latency_budgets for method in sorted(report.LATENCY_METHODS)]
     todo = [{"model": args.model, "method": method, "budget": budget, "seed": seed, "epochs": args.epochs,
              "distill": bool(args.distill)} for budget, method in pieces for seed in args.seeds]
     for index, key in enumerate(todo, 1):
-        unit = "latency" if key["method"] in LATENCY_METHODS else "MACs"
+        unit = "latency" if key["method"] in report.LATENCY_METHODS else "MACs"
         label = f"[{index}/{len(todo)}] {key['method']} at {key['budget']:g} of the {unit}, seed {key['seed']}, " \
                 f"{key['epochs']} epoch(s)"
         if report.record_key(key) in done:

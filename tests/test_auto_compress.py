@@ -58,6 +58,17 @@ def test_densenet_and_torchvision_budgets():
         assert count_complexity(compressed, example_inputs=x).macs == pytest.approx(0.4 * original, rel=0.02)
 
 
+def _refused_in_one_line(message, **kwargs):
+    """auto_compress of a ResNet-20 with ``kwargs`` raises a one-line UserError matching ``message``
+    and leaves the model as it was."""
+    model = norton.create_model("resnet_20", num_classes=10).eval()
+    before = copy.deepcopy(model)
+    with pytest.raises(UserError, match=message) as error:
+        norton.auto_compress(model, torch.randn(1, 3, 16, 16), progress=False, **kwargs)
+    assert "\n" not in str(error.value)
+    assert _same(model, before) and not hasattr(model, "norton_plan")
+
+
 def auto_compress_quiet(model, x, target, calibration, **kwargs):
     return norton.auto_compress(model, x, target_macs=target, calibration=calibration, progress=False, **kwargs)
 
@@ -94,14 +105,8 @@ def test_labels_are_optional_and_ignored():
     ],
 )
 def test_bad_input_is_one_line_and_leaves_the_model(calibration, target, message):
-    model = norton.create_model("resnet_20", num_classes=10).eval()
-    before = copy.deepcopy(model)
-    x = torch.randn(1, 3, 16, 16)
     calibration = _calibration((3, 16, 16)) if calibration is None else calibration
-    with pytest.raises(UserError, match=message) as error:
-        auto_compress_quiet(model, x, target, calibration)
-    assert "\n" not in str(error.value)
-    assert _same(model, before) and not hasattr(model, "norton_plan")
+    _refused_in_one_line(message, target_macs=target, calibration=calibration)
 
 
 def test_the_plan_round_trips_through_save_and_load(tmp_path):
@@ -184,14 +189,7 @@ def test_torchvision_budget_with_mixed_methods():
     (("tucker2",), {"target_latency": 0.5}, "cp-filter blocks only"),
 ])
 def test_bad_methods_are_one_line_and_leave_the_model(methods, budget, message):
-    model = norton.create_model("resnet_20", num_classes=10).eval()
-    before = copy.deepcopy(model)
-    x = torch.randn(1, 3, 16, 16)
-    with pytest.raises(UserError, match=message) as error:
-        norton.auto_compress(model, x, calibration=_calibration((3, 16, 16)), progress=False, methods=methods,
-                             **budget)
-    assert "\n" not in str(error.value)
-    assert _same(model, before) and not hasattr(model, "norton_plan")
+    _refused_in_one_line(message, calibration=_calibration((3, 16, 16)), methods=methods, **budget)
 
 
 def test_a_mixed_plan_round_trips_through_save_and_load(tmp_path):

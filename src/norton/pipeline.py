@@ -39,6 +39,7 @@ from norton.limits import (
     check_rank,
 )
 from norton.serialization import load_checkpoint, model_from_state, save
+from norton.training.checkpoint import cpu_state_dict
 from norton.training.distributed import resolve_device
 from norton.training.loaders import Loaders
 from norton.training.loop import evaluate, fit
@@ -344,12 +345,12 @@ def _run_stage(
             # The model before fine-tuning is a candidate too ("epoch 0"): a fine-tuning whose best
             # validation epoch scores below it (too high an lr for a model that recovery already
             # brought close) is undone. Judged on validation only, never on the test split.
-            start_state = {key: value.detach().clone() for key, value in model.state_dict().items()}
+            start_state = cpu_state_dict(model) if split == "validation" else None
             best = task.fine_tune(model, recipe, folder,
                                   resume=resume and folder is not None and (folder / "last.pt").exists(),
                                   seed=seed, stage=name, teacher=teacher)
-            kept_start = split == "validation" and best is not None and best < before[task.metric]
-            if kept_start:
+            if start_state is not None and best is not None and best < before[task.metric]:
+                kept_start = True
                 model.load_state_dict(start_state)
                 log(f"{name}: fine-tuning's best validation {task.label} {best:.2f}% is below the "
                     f"{before[task.metric]:.2f}% before it: keeping the model before fine-tuning")
