@@ -24,6 +24,8 @@ from norton.training.datasets import DataSplits, TransformedSubset
 from norton.training.loaders import Loaders
 
 BATCH_SIZE = 128
+# Epochs of each zoo model's baseline (its cache folder is keyed by them).
+BASELINE_EPOCHS = {"resnet_20": 8, "resnet_56": 8}
 # The baseline's recipe: SGD (momentum 0.9, weight decay 5e-4), lr 0.1, per-step cosine to 0, no warm-up.
 BASELINE_RECIPE = {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "warmup_epochs": 0.0}
 # Every compressed model's fine-tuning: the same SGD at lr 0.01, per-step cosine to 0, no warm-up.
@@ -39,9 +41,12 @@ class Data:
     input_size: tuple[int, int, int]
 
 
-def build_data(*, data_dir: str | None, limit: int | None, seed: int = 0) -> Data:
-    """Fashion-MNIST as three splits (no validation split) plus the un-augmented training images."""
-    common = {"limit": limit, "val_size": 0, "seed": seed, "grey_to_rgb": False, "pad_to_32": True}
+def build_data(*, data_dir: str | None, limit: int | None, seed: int = 0, grey_to_rgb: bool = False) -> Data:
+    """Fashion-MNIST as three splits (no validation split) plus the un-augmented training images.
+
+    ``grey_to_rgb``: three identical channels, for a model trained on them (``norton demo``'s).
+    """
+    common = {"limit": limit, "val_size": 0, "seed": seed, "grey_to_rgb": grey_to_rgb, "pad_to_32": True}
     splits = norton.build_datasets("fashion-mnist", data_dir, **common)
     plain = norton.build_datasets("fashion-mnist", data_dir, augment=False, **common)
     assert isinstance(plain.train, TransformedSubset)  # what build_datasets makes

@@ -1,9 +1,10 @@
 """Benchmark: the four decompositions at matched MACs on Fashion-MNIST, with and without pruning after (resumable).
 
-A trained ResNet-20 (``--ckpt``, default the one ``make demo`` / ``norton demo`` writes) is
-compressed by every ``--methods`` entry (``cp-filter``, ``tucker2``, ``cp-layer``, ``svd``) to
-every ``--budgets`` fraction of its conv+linear MACs (:func:`norton.count_complexity`), in two
-variants:
+The Pareto benchmark's ResNet-20 baseline (``bench_pareto.py``'s cache under ``runs/pareto``,
+trained there first if missing; or ``--ckpt``, any model trained on Fashion-MNIST padded to
+32x32) is compressed by every ``--methods`` entry (``cp-filter``, ``tucker2``, ``cp-layer``,
+``svd``) to every ``--budgets`` fraction of its conv+linear MACs (:func:`norton.count_complexity`),
+in two variants:
 
 * ``decompose``: decomposition alone, at the ranks that land the whole model within 2% of the
   budget. The ranks come from a bisection on ``F`` of the per-layer spec ``"macs:F"`` (every
@@ -16,15 +17,16 @@ variants:
   by the same search, then :func:`norton.prune` with ``target_macs=budget`` (a fraction of the
   original model's MACs) and the ``l1`` criterion.
 
-Each model is scored on the 10,000 test images right after compression, fine-tuned by one fixed
-recipe (SGD lr 0.01, momentum 0.9, weight decay 5e-4, per-step cosine to 0, batch 128, no
-warm-up, ``--epochs`` epochs over ``--train-images`` augmented training images drawn by the
-seed), and scored again. Nothing is selected on the test images: no validation split, a fixed
-epoch count. One JSON line per ``(method, budget, variant, seed)`` goes to ``--out``; keys
-already there are skipped, so a killed run resumes. ``--report-only`` prints the table again.
+Each model is scored on the 10,000 test images right after compression, fine-tuned by the Pareto
+benchmark's recipe and data (``_pareto_data``: SGD lr 0.01, momentum 0.9, weight decay 5e-4,
+per-step cosine to 0, batch 128, no warm-up, ``--epochs`` epochs over the 60,000 augmented
+training images in the order the seed draws, or ``--train-images`` of them), and scored again.
+Nothing is selected on the test images: no validation split, a fixed epoch count. One JSON line
+per ``(method, budget, variant, seed)`` goes to ``--out``; keys already there are skipped, so a
+killed run resumes. ``--report-only`` prints the table again.
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_methods.py --ckpt runs/demo/baseline/best.pt
-    .venv/bin/python benchmarks/bench_methods.py --report-only
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_methods.py
+    .venv/bin/python benchmarks/bench_methods.py --report-only --docs docs/decompositions.md
 """
 from __future__ import annotations
 
@@ -41,8 +43,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+import _pareto_data as data_lib  # next to this file, first on sys.path when it runs
 import norton
-from _common import cpu_name, parse_list, read_results  # next to this file, first on sys.path when it runs
+from _common import cpu_name, parse_list, read_results
 from norton.decomposition.decompose import eligible_convs
 from norton.decomposition.methods import METHODS, layer_macs
 from norton.errors import UserError
@@ -54,8 +57,8 @@ from norton.serialization import load_model_file
 VARIANTS = ("decompose", "decompose+prune")
 KEY_FIELDS = ("method", "budget", "variant", "seed")
 TOLERANCE = 0.02  # a budget is met when |MACs / (budget * baseline MACs) - 1| <= 2%
-BATCH_SIZE = 128
-FINETUNE_RECIPE = {"lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4, "warmup_epochs": 0.0}
+PARETO_OUT = Path("runs/pareto")  # bench_pareto.py's default --out: its baseline cache
+PARETO_MODEL = "resnet_20"
 Rank = int | tuple[int, int]
 MARKERS = ("<!-- bench_methods:begin -->", "<!-- bench_methods:end -->")
 
@@ -279,22 +282,45 @@ def environment_line(records: Iterable[Mapping[str, Any]]) -> str:
 
 
 # ------------------------------------------------------------------ running
-def build_data(data_dir: str | None, train_images: int, seed: int) -> Any:
-    """Fashion-MNIST padded to 32x32 RGB (as ``norton demo``): ``train_images`` augmented training images, all test."""
-    splits = norton.build_datasets("fashion-mnist", data_dir, val_size=0, seed=seed)
-    order = torch.randperm(len(splits.train), generator=torch.Generator().manual_seed(seed))[:train_images]
-    return dataclasses.replace(splits, train=torch.utils.data.Subset(splits.train, order.tolist()))
+def build_data(data_dir: str | None, train_images: int, seed: int, *, in_channels: int) -> data_lib.Data:
+    """The Pareto benchmark's Fashion-MNIST; the first ``train_images`` training images in the seed's order."""
+    data = data_lib.build_data(data_dir=data_dir, limit=None, grey_to_rgb=in_channels == 3)
+    if train_images >= len(data.splits.train):
+        return data
+    order = torch.randperm(len(data.splits.train), generator=torch.Generator().manual_seed(seed))[:train_images]
+    train = torch.utils.data.Subset(data.splits.train, order.tolist())
+    return dataclasses.replace(data, splits=dataclasses.replace(data.splits, train=train))
+
+
+def input_channels(model: nn.Module) -> int:
+    """The channels ``model``'s first convolution reads (1: Fashion-MNIST as is, 3: repeated to RGB)."""
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if first is None or first.in_channels not in (1, 3):
+        raise UserError("the checkpoint's model does not start with a 1- or 3-channel convolution: "
+                        "pass a model trained on Fashion-MNIST")
+    return first.in_channels
+
+
+def load_baseline(args: argparse.Namespace) -> nn.Module:
+    """``--ckpt``'s model, or the Pareto benchmark's cached ResNet-20 (trained first if missing: ~20 min of CPU)."""
+    if args.ckpt:
+        return load_model_file(args.ckpt)[0]
+    data = data_lib.build_data(data_dir=args.data_dir, limit=None)
+    model, _ = data_lib.trained_baseline(data, PARETO_OUT, model_name=PARETO_MODEL,
+                                         epochs=data_lib.BASELINE_EPOCHS[PARETO_MODEL], seed=0, device="cpu")
+    return model
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--ckpt", default="runs/demo/baseline/best.pt", help="the trained ResNet-20 (make demo)")
+    parser.add_argument("--ckpt", default=None,
+                        help="a model trained on Fashion-MNIST (default: bench_pareto.py's ResNet-20 baseline)")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--budgets", default="0.5,0.3", help="fractions of the baseline's conv+linear MACs")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--mild", type=float, default=1.4, help="decompose+prune: decompose to this times the budget")
-    parser.add_argument("--train-images", type=int, default=10_000, help="fine-tuning images (of 60,000)")
+    parser.add_argument("--train-images", type=int, default=60_000, help="fine-tuning images (of 60,000)")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (default Debian's)")
     parser.add_argument("--out", default="runs/methods/results.jsonl")
@@ -319,8 +345,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     check_int(args.train_images, "--train-images", minimum=128, maximum=60_000)
     args.epochs = check_epochs(args.epochs, "--epochs", minimum=1)
     check_int(args.threads, "--threads", minimum=1)
-    if not args.report_only and not Path(args.ckpt).is_file():
-        raise UserError(f"--ckpt {args.ckpt} does not exist: run `make demo` first, or pass a trained ResNet-20")
+    if not args.report_only and args.ckpt and not Path(args.ckpt).is_file():
+        raise UserError(f"--ckpt {args.ckpt} does not exist: leave --ckpt out to use the Pareto benchmark's "
+                        "baseline, or pass a model trained on Fashion-MNIST")
     return args
 
 
@@ -328,19 +355,22 @@ def run(args: argparse.Namespace, out: Path) -> None:
     env = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu_name()}
     print(f"torch {env['torch']}, {env['threads']} thread(s), {env['cpu']}", flush=True)
     command = " ".join([".venv/bin/python benchmarks/bench_methods.py", *sys.argv[1:]])
-    baseline = load_model_file(args.ckpt)[0].cpu().eval()
-    example = torch.zeros(1, 3, 32, 32)
+    baseline = load_baseline(args).cpu().eval()
+    channels = input_channels(baseline)
+    example = torch.zeros(1, channels, 32, 32)
     base = norton.count_complexity(baseline, example_inputs=example)
-    recipe = {**FINETUNE_RECIPE, "epochs": args.epochs, "batch_size": BATCH_SIZE, "train_images": args.train_images}
+    ckpt = args.ckpt or str(data_lib.baseline_dir(PARETO_OUT, PARETO_MODEL, data_lib.BASELINE_EPOCHS[PARETO_MODEL], 0)
+                            / "baseline.pt")
+    recipe = {**data_lib.FINETUNE_RECIPE, "epochs": args.epochs, "batch_size": data_lib.BATCH_SIZE,
+              "train_images": args.train_images}
 
     def loaders(seed: int) -> Any:
-        data = build_data(args.data_dir, args.train_images, seed)
-        return norton.build_loaders(data, batch_size=BATCH_SIZE, workers=0, seed=seed, eval_batch_size=500)
+        return data_lib.loaders_for(build_data(args.data_dir, args.train_images, seed, in_channels=channels), seed)
 
     def run_baseline(key: dict[str, Any]) -> dict[str, Any]:
         top1 = norton.evaluate(baseline, loaders(0).test, device="cpu", progress=False)["top1"]
         return {"status": "ok", "top1_compressed": top1, "macs": base.macs, "params": base.params, "env": env,
-                "ckpt": args.ckpt, "command": command}
+                "ckpt": ckpt, "command": command}
 
     def run_row(key: dict[str, Any]) -> dict[str, Any]:
         started = time.perf_counter()
@@ -348,7 +378,7 @@ def run(args: argparse.Namespace, out: Path) -> None:
         model, details = compress(baseline, key["method"], key["budget"], key["variant"], example, key["seed"],
                                   mild=args.mild)
         compress_seconds = time.perf_counter() - started
-        common = {"details": details, "env": env, "recipe": recipe, "ckpt": args.ckpt, "command": command,
+        common = {"details": details, "env": env, "recipe": recipe, "ckpt": ckpt, "command": command,
                   "finished": datetime.now(UTC).isoformat(timespec="seconds")}
         if model is None:
             print(f"  cannot reach the budget: {details['reason']}", flush=True)
@@ -360,7 +390,7 @@ def run(args: argparse.Namespace, out: Path) -> None:
         before = norton.evaluate(model, data.test, device="cpu", progress=False)["top1"]
         print(f"  top-1 right after compression {before:.2f}%", flush=True)
         tuned = time.perf_counter()
-        result = norton.fit(model, data, epochs=args.epochs, **FINETUNE_RECIPE, device="cpu", seed=key["seed"],
+        result = norton.fit(model, data, epochs=args.epochs, **data_lib.FINETUNE_RECIPE, device="cpu", seed=key["seed"],
                             progress=False, verbose=False)
         assert result.test is not None  # the test loader always exists
         row_seconds = time.perf_counter() - started

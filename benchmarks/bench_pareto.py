@@ -51,7 +51,6 @@ from norton.errors import UserError
 from norton.limits import check_distillation, check_epochs, check_int, check_target_macs
 from norton.training.distributed import resolve_device
 
-BASELINE_EPOCHS = {"resnet_20": 8, "resnet_56": 8}
 MACS_METHODS = [m for m in METHODS if m not in report.LATENCY_METHODS]
 DEFAULTS = {"budgets": "0.5,0.3,0.2,0.1", "methods": ",".join(MACS_METHODS), "seeds": "0,1,2"}
 # --quick: 512 training and 512 test images, one budget, two methods, one epoch (4 steps) everywhere.
@@ -61,7 +60,7 @@ QUICK: dict[str, Any] = {"limit": 512, "budgets": "0.5", "methods": "tp-l1-unifo
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="resnet_20", choices=sorted(BASELINE_EPOCHS))
+    parser.add_argument("--model", default="resnet_20", choices=sorted(data_lib.BASELINE_EPOCHS))
     parser.add_argument("--budgets", help=f"fractions of the baseline's MACs (default {DEFAULTS['budgets']})")
     parser.add_argument("--methods", help=f"from {', '.join(METHODS)} (default all but "
                                           f"{', '.join(sorted(report.LATENCY_METHODS))})")
@@ -109,7 +108,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "--latency-budgets, e.g. --latency-budgets 0.8,0.6")
     args.seeds = [check_int(s, "--seeds", minimum=0) for s in parse_list(args.seeds, int, "seeds")]
     args.epochs = check_epochs(args.epochs, "--epochs", minimum=1)
-    args.baseline_epochs = check_epochs(args.baseline_epochs or BASELINE_EPOCHS[args.model], "--baseline-epochs",
+    args.baseline_epochs = check_epochs(args.baseline_epochs or data_lib.BASELINE_EPOCHS[args.model], "--baseline-epochs",
                                         minimum=1)
     check_int(args.calibration_images, "--calibration-images", maximum=60_000)
     if args.distill:

@@ -124,7 +124,7 @@ def test_bad_arguments_are_refused_before_anything_runs(tmp_path):
         bench.parse_args(["--methods", "svd,qr", "--report-only"])
     with pytest.raises(UserError, match="unknown variant"):
         bench.parse_args(["--variants", "prune", "--report-only"])
-    with pytest.raises(UserError, match="make demo"):
+    with pytest.raises(UserError, match="leave --ckpt out"):
         bench.parse_args(["--ckpt", str(tmp_path / "missing.pt")])
 
 
@@ -137,3 +137,17 @@ def test_the_table_replaces_only_what_lies_between_the_markers(tmp_path):
     with pytest.raises(UserError, match="bench_methods:begin"):
         bench.write_between_markers(doc, "| new |")
     assert doc.read_text() == "no markers\n"
+
+
+def test_the_data_follows_the_channels_the_baseline_reads():
+    assert bench.input_channels(_resnet20()) == 3
+    assert bench.input_channels(norton.create_model("resnet_20", num_classes=10, in_channels=1)) == 1
+    with pytest.raises(UserError, match="trained on Fashion-MNIST"):
+        bench.input_channels(torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3)))
+    with pytest.raises(UserError, match="trained on Fashion-MNIST"):
+        bench.input_channels(torch.nn.Linear(3, 2))
+
+
+def test_without_ckpt_the_pareto_baseline_is_used_and_nothing_is_refused():
+    args = bench.parse_args(["--methods", "svd", "--budgets", "0.5"])
+    assert args.ckpt is None and args.train_images == 60_000
