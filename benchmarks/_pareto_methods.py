@@ -5,6 +5,8 @@ Every method is ``method(model, example, budget, calibration, seed) -> (compress
 (:func:`norton.count_complexity`), ``calibration`` is a list of ``(images, labels)`` training
 batches (512 images), ``details`` is plain data stored with the result (ranks, ratios, ...).
 
+* ``dense``: the baseline itself, run at budget 1 only: the control that measures what the
+  fine-tuning recipe alone does to an uncompressed model;
 * ``auto``: :func:`norton.auto_compress` on the calibration images (no labels given);
 * ``auto-latency``: the same with ``target_latency=budget``: for this method (``_pareto_report.LATENCY_METHODS``)
   the budget is a fraction of the baseline's CPU latency at batch :data:`LATENCY_BATCH` (the batch
@@ -230,7 +232,16 @@ def _tp_method(importance: str, global_pruning: bool) -> Method:
     return method
 
 
+def dense(model: nn.Module, example: Tensor, budget: float, calibration: Batches, seed: int) -> tuple[nn.Module, dict[str, Any]]:
+    """The baseline itself, uncompressed: the control that shows what the fine-tuning recipe alone does.
+
+    Run at budget 1 only (:data:`_pareto_report.FIXED_BUDGETS`).
+    """
+    return copy.deepcopy(model), {}
+
+
 METHODS: dict[str, Method] = {
+    "dense": dense,
     "auto": auto,
     "auto-latency": auto_latency,
     "paper": paper,

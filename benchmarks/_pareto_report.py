@@ -84,6 +84,9 @@ def _method_label(method: str, distill: bool) -> str:
 # Methods whose budget is a fraction of the baseline's batch-64 latency, not of its MACs (the
 # report keeps this list itself, so that --report-only reads a results file without the methods).
 LATENCY_METHODS = frozenset({"auto-latency"})
+# Methods run at one budget whatever --budgets says: "dense" (the baseline fine-tuned by the same
+# recipe, the control for what fine-tuning alone does) at 1.
+FIXED_BUDGETS = {"dense": 1.0}
 NORTON_METHODS = ("auto", "auto-latency")  # compared with Torch-Pruning at the same latency
 PEER_PREFIX = "tp-"
 

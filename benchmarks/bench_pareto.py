@@ -235,9 +235,11 @@ def run_grid(args: argparse.Namespace, results: Path) -> None:
     if base is None:
         base = baseline_record(args, env, data, baseline, metadata)
         report.append_result(base, results)
-    # MACs budgets for the MACs methods; --latency-budgets for the latency ones (auto-latency, also
-    # when --methods does not name it).
-    pieces = [(budget, method) for budget in args.budgets for method in methods if method not in report.LATENCY_METHODS]
+    # The fixed-budget control first (dense at 1), MACs budgets for the MACs methods,
+    # --latency-budgets for the latency ones (auto-latency, also when --methods does not name it).
+    pieces = [(report.FIXED_BUDGETS[method], method) for method in methods if method in report.FIXED_BUDGETS]
+    pieces += [(budget, method) for budget in args.budgets for method in methods
+               if method not in report.LATENCY_METHODS and method not in report.FIXED_BUDGETS]
     pieces += [(budget, method) for budget in args.latency_budgets for method in sorted(report.LATENCY_METHODS)]
     todo = [{"model": args.model, "method": method, "budget": budget, "seed": seed, "epochs": args.epochs,
              "distill": bool(args.distill)} for budget, method in pieces for seed in args.seeds]

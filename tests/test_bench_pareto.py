@@ -139,16 +139,17 @@ def test_a_second_run_skips_the_keys_the_first_wrote(tmp_path, monkeypatch):
     assert [r["method"] for r in records] == ["baseline", "paper", "paper"]  # the baseline record written once
 
 
-def test_latency_budgets_add_auto_latency_runs_after_the_macs_ones(tmp_path, monkeypatch):
+def test_dense_runs_at_1_first_and_latency_budgets_after_the_macs_ones(tmp_path, monkeypatch):
     _fake_data_and_baseline(monkeypatch)
     monkeypatch.setattr(bench_pareto, "measure", lambda *a, **k: {"macs": 1000})
     calls = []
     monkeypatch.setattr(bench_pareto, "run_one", lambda args, env, data, baseline, base, key:
                         calls.append((key["method"], key["budget"])) or {**key, "top1_finetuned": 80.0})
-    argv = ["--out", str(tmp_path), "--budgets", "0.5", "--methods", "paper", "--latency-budgets", "0.8,0.6",
+    argv = ["--out", str(tmp_path), "--budgets", "0.5,0.3", "--methods", "paper,dense", "--latency-budgets", "0.8,0.6",
             "--seeds", "0", "--device", "cpu"]
     bench_pareto.run_grid(bench_pareto.parse_args(argv), tmp_path / "results.jsonl")
-    assert calls == [("paper", 0.5), ("auto-latency", 0.8), ("auto-latency", 0.6)]
+    # the dense control once, at budget 1 whatever --budgets says
+    assert calls == [("dense", 1.0), ("paper", 0.5), ("paper", 0.3), ("auto-latency", 0.8), ("auto-latency", 0.6)]
     assert "auto-latency" not in bench_pareto.parse_args([]).methods  # MACs budgets never go to it by default
 
 
@@ -265,3 +266,10 @@ def test_plots_are_small_pngs(tmp_path):
     assert [p.name for p in paths] == ["pareto_macs.png", "pareto_latency.png"]
     for path in paths:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size < 200_000
+
+
+def test_dense_control_is_an_untouched_copy_of_the_baseline():
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3))
+    copy, details = methods.METHODS["dense"](model, torch.zeros(1, 1, 8, 8), 1.0, [], 0)
+    assert copy is not model and details == {}
+    assert all(torch.equal(a, b) for a, b in zip(copy.state_dict().values(), model.state_dict().values(), strict=True))
