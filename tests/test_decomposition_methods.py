@@ -215,6 +215,7 @@ def test_onnx_and_torchscript_exports_match_eager(method, tmp_path):
     ("svd", (2, 2), "pair of ranks"),
     ("qr", 2, "unknown decomposition method 'qr'"),
     ("cp-layer", "8", "pass the int 8"),
+    ("cp-filter", 10, r"use <= 9, or leave the layer dense with exclude=\['conv1'\]"),  # the RGB stem: 3 x 3
 ])
 def test_bad_input_is_one_line_and_leaves_the_model_untouched(method, rank, message):
     model = resnet20()

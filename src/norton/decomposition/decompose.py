@@ -364,7 +364,10 @@ def _choose(chooser: Any, spec: DecompositionMethod, name: str, layer: nn.Module
     if isinstance(chooser, tuple):
         kind, value = chooser
         if kind == "fixed":
-            return spec.check_rank(value, layer, what)
+            try:
+                return spec.check_rank(value, layer, what)
+            except UserError as error:  # one rank for all: this layer alone may be too small for it
+                raise UserError(f"{error}, or leave the layer dense with exclude=[{name!r}]") from None
         hw = None if input_shape is None else input_shape[-2:]
         return spec.select_rank(layer, kind, value, hw)
     value = chooser[name] if isinstance(chooser, Mapping) else chooser(name, layer)
