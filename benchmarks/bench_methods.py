@@ -282,9 +282,8 @@ def environment_line(records: Iterable[Mapping[str, Any]]) -> str:
 
 
 # ------------------------------------------------------------------ running
-def build_data(data_dir: str | None, train_images: int, seed: int, *, in_channels: int) -> data_lib.Data:
-    """The Pareto benchmark's Fashion-MNIST; the first ``train_images`` training images in the seed's order."""
-    data = data_lib.build_data(data_dir=data_dir, limit=None, grey_to_rgb=in_channels == 3)
+def training_subset(data: data_lib.Data, train_images: int, seed: int) -> data_lib.Data:
+    """``data`` with only the first ``train_images`` training images in the seed's order (all of them: ``data``)."""
     if train_images >= len(data.splits.train):
         return data
     order = torch.randperm(len(data.splits.train), generator=torch.Generator().manual_seed(seed))[:train_images]
@@ -301,14 +300,20 @@ def input_channels(model: nn.Module) -> int:
     return first.in_channels
 
 
-def load_baseline(args: argparse.Namespace) -> nn.Module:
-    """``--ckpt``'s model, or the Pareto benchmark's cached ResNet-20 (trained first if missing: ~20 min of CPU)."""
+def baseline_and_data(args: argparse.Namespace) -> tuple[nn.Module, data_lib.Data, str]:
+    """``(baseline, its Fashion-MNIST, where the baseline is)``, the data read once.
+
+    The baseline is ``--ckpt``'s model, or the Pareto benchmark's cached ResNet-20 (trained first
+    if missing: ~20 min of CPU).
+    """
     if args.ckpt:
-        return load_model_file(args.ckpt)[0]
+        model = load_model_file(args.ckpt)[0]
+        data = data_lib.build_data(data_dir=args.data_dir, limit=None, grey_to_rgb=input_channels(model) == 3)
+        return model, data, args.ckpt
     data = data_lib.build_data(data_dir=args.data_dir, limit=None)
-    model, _ = data_lib.trained_baseline(data, PARETO_OUT, model_name=PARETO_MODEL,
-                                         epochs=data_lib.BASELINE_EPOCHS[PARETO_MODEL], seed=0, device="cpu")
-    return model
+    epochs = data_lib.BASELINE_EPOCHS[PARETO_MODEL]
+    model, _ = data_lib.trained_baseline(data, PARETO_OUT, model_name=PARETO_MODEL, epochs=epochs, seed=0, device="cpu")
+    return model, data, str(data_lib.baseline_dir(PARETO_OUT, PARETO_MODEL, epochs, 0) / "baseline.pt")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -355,17 +360,15 @@ def run(args: argparse.Namespace, out: Path) -> None:
     env = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu_name()}
     print(f"torch {env['torch']}, {env['threads']} thread(s), {env['cpu']}", flush=True)
     command = " ".join([".venv/bin/python benchmarks/bench_methods.py", *sys.argv[1:]])
-    baseline = load_baseline(args).cpu().eval()
-    channels = input_channels(baseline)
-    example = torch.zeros(1, channels, 32, 32)
+    baseline, data, ckpt = baseline_and_data(args)
+    baseline = baseline.cpu().eval()
+    example = torch.zeros(1, *data.input_size)
     base = norton.count_complexity(baseline, example_inputs=example)
-    ckpt = args.ckpt or str(data_lib.baseline_dir(PARETO_OUT, PARETO_MODEL, data_lib.BASELINE_EPOCHS[PARETO_MODEL], 0)
-                            / "baseline.pt")
     recipe = {**data_lib.FINETUNE_RECIPE, "epochs": args.epochs, "batch_size": data_lib.BATCH_SIZE,
               "train_images": args.train_images}
 
     def loaders(seed: int) -> Any:
-        return data_lib.loaders_for(build_data(args.data_dir, args.train_images, seed, in_channels=channels), seed)
+        return data_lib.loaders_for(training_subset(data, args.train_images, seed), seed)
 
     def run_baseline(key: dict[str, Any]) -> dict[str, Any]:
         top1 = norton.evaluate(baseline, loaders(0).test, device="cpu", progress=False)["top1"]
@@ -386,11 +389,11 @@ def run(args: argparse.Namespace, out: Path) -> None:
         count = norton.count_complexity(model, example_inputs=example)
         print(f"  {details['spec']}: ranks {details['rank_summary']}, {count.macs / base.macs:.3f} of the MACs, "
               f"{compress_seconds:.0f} s", flush=True)
-        data = loaders(key["seed"])
-        before = norton.evaluate(model, data.test, device="cpu", progress=False)["top1"]
+        row_loaders = loaders(key["seed"])
+        before = norton.evaluate(model, row_loaders.test, device="cpu", progress=False)["top1"]
         print(f"  top-1 right after compression {before:.2f}%", flush=True)
         tuned = time.perf_counter()
-        result = norton.fit(model, data, epochs=args.epochs, **data_lib.FINETUNE_RECIPE, device="cpu", seed=key["seed"],
+        result = norton.fit(model, row_loaders, epochs=args.epochs, **data_lib.FINETUNE_RECIPE, device="cpu", seed=key["seed"],
                             progress=False, verbose=False)
         assert result.test is not None  # the test loader always exists
         row_seconds = time.perf_counter() - started
