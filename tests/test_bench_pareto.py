@@ -170,6 +170,22 @@ def test_auto_latency_times_at_batch_64_and_records_the_report(monkeypatch):
     assert details["latency_after_ms"] == 5.2 and details["target_latency_ms"] == 5.0
 
 
+def test_distill_fine_tunes_every_model_with_a_frozen_copy_of_the_baseline():
+    baseline = _resnet20()
+    assert bench_pareto.finetune_kwargs(bench_pareto.parse_args(["--device", "cpu"]), baseline) == {}
+    args = bench_pareto.parse_args(["--device", "cpu", "--distill", "--distill-alpha", "0.7",
+                                    "--distill-temperature", "2"])
+    kwargs = bench_pareto.finetune_kwargs(args, baseline)
+    teacher = kwargs["teacher"]
+    assert (kwargs["distill_alpha"], kwargs["distill_temperature"]) == (0.7, 2.0)
+    assert teacher is not baseline and not teacher.training
+    assert not any(p.requires_grad for p in teacher.parameters())
+    assert all(p.requires_grad for p in baseline.parameters())  # the baseline itself is left as it was
+    x = torch.randn(2, 1, 32, 32)
+    torch.testing.assert_close(teacher(x), baseline.eval()(x))
+    assert bench_pareto.main(["--distill", "--distill-alpha", "1.5"]) == 2  # checked like the CLI's
+
+
 def test_bad_options_are_one_line_errors(capsys):
     for argv, expected in ((["--budgets", "0.5,1.5"], "--budgets"), (["--methods", "tp-foo"], "unknown method"),
                            (["--seeds", "a"], "--seeds"), (["--epochs", "0"], "--epochs"),
