@@ -273,10 +273,12 @@ def render(args: argparse.Namespace, results: Path) -> None:
         report.baseline_line(records, args.model) or "", "",
         report.render_tables(records, args.model), "",
         report.render_same_latency(records, args.model), "",
+        report.render_goals(records, args.model), "",
         f"![top-1 against MACs]({images[0]})", f"![top-1 against batch-64 latency]({images[1]})",
     ])
     report.write_document(docs, args.model, body)
     print(report.render_tables(records, args.model))
+    print(report.render_goals(records, args.model))
     print(f"wrote {docs} and {', '.join(str(p) for p in plots)}")
 
 
