@@ -8,6 +8,8 @@ batches (512 images), ``details`` is plain data stored with the result (ranks, r
 * ``dense``: the baseline itself, run at budget 1 only: the control that measures what the
   fine-tuning recipe alone does to an uncompressed model;
 * ``auto``: :func:`norton.auto_compress` on the calibration images (no labels given);
+* ``auto-all`` / ``auto-prune``: the same offered all four decompositions (layer CP too: the
+  default until 2026-12-05) / none (pruning only): how the default's choice was made;
 * ``auto-latency``: the same with ``target_latency=budget``: for this method (``_pareto_report.LATENCY_METHODS``)
   the budget is a fraction of the baseline's CPU latency at batch :data:`LATENCY_BATCH` (the batch
   the benchmark's latency column is timed at), not of its MACs;
@@ -60,17 +62,30 @@ def unavailable(method: str) -> str | None:
     return None
 
 
-def auto(model: nn.Module, example: Tensor, budget: float, calibration: Batches, seed: int) -> tuple[nn.Module, dict[str, Any]]:
-    """:func:`norton.auto_compress` with the calibration images only (labels are not given)."""
+def auto(model: nn.Module, example: Tensor, budget: float, calibration: Batches, seed: int,
+         methods: tuple[str, ...] | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """:func:`norton.auto_compress` with the calibration images only (labels are not given); ``methods``
+    as its argument (``None``: its default)."""
     try:
         auto_compress = norton.auto_compress
     except AttributeError:
         raise MethodUnavailable(AUTO_MISSING) from None
     torch.manual_seed(seed)
     images = [x for x, _ in calibration]
-    compressed = auto_compress(model, example, target_macs=budget, calibration=images, progress=False)
+    chosen = {} if methods is None else {"methods": methods}
+    compressed = auto_compress(model, example, target_macs=budget, calibration=images, progress=False, **chosen)
     plan = getattr(compressed, "norton_plan", [])
-    return compressed, {"plan_ops": [record.get("op") for record in plan]}
+    report = getattr(compressed, "norton_auto_report", None)
+    layers = sorted(getattr(report, "methods", {}).values())
+    return compressed, {"plan_ops": [record.get("op") for record in plan],
+                        "decomposed_layers": {m: layers.count(m) for m in dict.fromkeys(layers)}}
+
+
+def _auto_offering(methods: tuple[str, ...]) -> Method:
+    def method(model: nn.Module, example: Tensor, budget: float, calibration: Batches, seed: int) -> tuple[nn.Module, dict[str, Any]]:
+        return auto(model, example, budget, calibration, seed, methods=methods)
+
+    return method
 
 
 LATENCY_BATCH = 64
@@ -243,6 +258,9 @@ def dense(model: nn.Module, example: Tensor, budget: float, calibration: Batches
 METHODS: dict[str, Method] = {
     "dense": dense,
     "auto": auto,
+    # auto_compress offered all four decompositions, layer CP included (its default until 2026-12-05)
+    "auto-all": _auto_offering(("cp-filter", "tucker2", "cp-layer", "svd")),
+    "auto-prune": _auto_offering(()),  # auto_compress with pruning only
     "auto-latency": auto_latency,
     "paper": paper,
     "tp-l1-uniform": _tp_method("l1", False),

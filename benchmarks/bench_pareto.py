@@ -51,7 +51,9 @@ from norton.errors import UserError
 from norton.limits import check_distillation, check_epochs, check_int, check_target_macs
 from norton.training.distributed import resolve_device
 
-MACS_METHODS = [m for m in METHODS if m not in report.LATENCY_METHODS]
+# The default grid: every MACs method but the two variants that only show why auto's default is what it is.
+VARIANTS = ("auto-all", "auto-prune")
+MACS_METHODS = [m for m in METHODS if m not in report.LATENCY_METHODS and m not in VARIANTS]
 DEFAULTS = {"budgets": "0.5,0.3,0.2,0.1", "methods": ",".join(MACS_METHODS), "seeds": "0,1,2"}
 # --quick: 512 training and 512 test images, one budget, two methods, one epoch (4 steps) everywhere.
 QUICK: dict[str, Any] = {"limit": 512, "budgets": "0.5", "methods": "tp-l1-uniform,paper", "seeds": "0",
@@ -63,7 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", default="resnet_20", choices=sorted(data_lib.BASELINE_EPOCHS))
     parser.add_argument("--budgets", help=f"fractions of the baseline's MACs (default {DEFAULTS['budgets']})")
     parser.add_argument("--methods", help=f"from {', '.join(METHODS)} (default all but "
-                                          f"{', '.join(sorted(report.LATENCY_METHODS))})")
+                                          f"{', '.join([*sorted(report.LATENCY_METHODS), *VARIANTS])})")
     parser.add_argument("--latency-budgets", default="",
                         help="fractions of the baseline's batch-64 CPU latency for auto-latency (e.g. 0.8,0.6)")
     parser.add_argument("--seeds", help=f"default {DEFAULTS['seeds']}")

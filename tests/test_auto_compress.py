@@ -161,6 +161,20 @@ def test_the_only_method_offered_is_chosen_per_layer():
     assert records[0]["ranks"] == {name: list(rank) for name, rank in report.ranks.items()}
 
 
+def test_default_offers_every_method_but_layer_cp():
+    from norton.auto.compress import METHODS
+    from norton.decomposition.layer_cp_conv import LayerCPConv
+
+    assert set(METHODS) == set(ALL_METHODS) - {"cp-layer"}  # layer CP loses its fit in fine-tuning (pareto.md)
+    torch.manual_seed(0)
+    model = norton.create_model("resnet_20", num_classes=10).eval()
+    x = torch.randn(1, 3, 16, 16)
+    compressed = auto_compress_quiet(model, x, 0.3, _calibration((3, 16, 16)))
+    chosen = set(compressed.norton_auto_report.methods.values())
+    assert chosen and chosen <= set(METHODS)
+    assert not any(isinstance(m, LayerCPConv) for m in compressed.modules())
+
+
 @pytest.mark.parametrize(("name", "side", "target"), [("resnet_20", 16, 0.5), ("resnet_20", 16, 0.2)])
 def test_budgets_met_with_mixed_methods(name, side, target):
     torch.manual_seed(0)

@@ -306,3 +306,21 @@ def test_dense_control_is_an_untouched_copy_of_the_baseline():
     copy, details = methods.METHODS["dense"](model, torch.zeros(1, 1, 8, 8), 1.0, [], 0)
     assert copy is not model and details == {}
     assert all(torch.equal(a, b) for a, b in zip(copy.state_dict().values(), model.state_dict().values(), strict=True))
+
+
+def test_auto_variants_offer_all_four_decompositions_or_none(monkeypatch):
+    seen = []
+
+    def fake_auto_compress(model, example, **kwargs):
+        seen.append(kwargs.get("methods", "default"))
+        small = torch.nn.Sequential()
+        small.norton_auto_report = type("R", (), {"methods": {"a": "svd", "b": "cp-layer", "c": "svd"}})()
+        return small
+
+    monkeypatch.setattr(norton, "auto_compress", fake_auto_compress)
+    calls = {name: methods.METHODS[name](_resnet20(), torch.zeros(1, 1, 32, 32), 0.3, _calibration(), 0)[1]
+             for name in ("auto", "auto-all", "auto-prune")}
+    assert seen == ["default", ("cp-filter", "tucker2", "cp-layer", "svd"), ()]
+    assert calls["auto"]["decomposed_layers"] == {"cp-layer": 1, "svd": 2}
+    default = bench_pareto.parse_args([]).methods
+    assert "auto" in default and "auto-all" not in default and "auto-prune" not in default

@@ -53,7 +53,9 @@ from norton.limits import check_int, check_target_macs
 FRACTIONS = (0.75, 0.5, 0.25, 0.125)  # kept fractions of a group whose output change is measured
 MIN_LATENCY_GAIN = 0.02  # a latency correction pass this much faster than the one before, or the passes stop
 RANKS = (4, 2, 1)  # CP ranks tried per 3x3 convolution (rank 4 costs about half of it)
-METHODS = ("cp-filter", "tucker2", "cp-layer", "svd")  # decompositions offered per layer by default (docs/auto_compress.md)
+# Decompositions offered per layer by default. Layer CP is left out: its blocks (four thin layers in a row)
+# fit best before fine-tuning but lose it in the first epoch (docs/auto_compress.md, docs/pareto.md).
+METHODS = ("cp-filter", "tucker2", "svd")
 MACS_TOLERANCE = 0.02
 _ROUND_TO_CUDA = 8  # with a latency budget on CUDA, kept widths are multiples of 8 (tensor-core tiles)
 
