@@ -227,6 +227,14 @@ def test_bad_input_is_one_line_and_leaves_the_model_untouched(method, rank, mess
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+@pytest.mark.parametrize("method, rank", [("tucker2", (0, 2)), ("cp-layer", -1), ("tucker2", (17, 2, 3))])
+def test_a_rank_no_layer_can_hold_gets_no_exclude_hint(method, rank):
+    # the hint fits a rank too high for one small layer only; a bad value is bad for every layer
+    with pytest.raises(UserError) as info:
+        decompose(resnet20(), rank, method=method, progress=False)
+    assert "exclude=" not in str(info.value)
+
+
 def test_a_record_naming_an_unknown_method_or_a_wrong_layer_is_refused():
     with pytest.raises(UserError, match="unknown decomposition method"):
         replay_decompose(resnet20(), {"op": "decompose", "method": "qr", "ranks": {"layer1.0.conv1": 2}})

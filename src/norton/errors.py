@@ -7,3 +7,7 @@ CLI prints it as one line without a traceback.
 
 class UserError(ValueError):
     """A mistake the user can fix; the message says what is wrong and how to fix it."""
+
+
+class RankAboveLayerError(UserError):
+    """A rank above what one layer can hold (its full rank); valid for a larger layer."""

@@ -18,7 +18,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from norton.errors import UserError
+from norton.errors import RankAboveLayerError, UserError
 
 # A CP rank above C_in * k (the rank of the filter unfolded along its input channels)
 # never lowers the error; this global cap holds for records read before any layer is known.
@@ -101,7 +101,7 @@ def check_rank(value: Any, name: str = "rank", *, in_channels: int | None = None
     if in_channels is not None and kernel_size is not None:
         bound = in_channels * max(kernel_size)
         if rank > bound:
-            raise UserError(
+            raise RankAboveLayerError(
                 f"{name} {rank:,} is above {bound:,} = C_in x k ({in_channels} x {max(kernel_size)}) of a "
                 f"{kernel_size[0]}x{kernel_size[1]} conv: a higher CP rank never lowers the error; use <= {bound}"
             )

@@ -36,7 +36,7 @@ from norton.decomposition.methods import (
     layer_macs,
 )
 from norton.detection.parts import layers_in_parts
-from norton.errors import UserError
+from norton.errors import RankAboveLayerError, UserError
 from norton.example_inputs import module_input_shapes
 from norton.limits import MAX_RANK, check_int
 from norton.plan import PlanOperation, append_record, record_original, register_operation
@@ -366,7 +366,7 @@ def _choose(chooser: Any, spec: DecompositionMethod, name: str, layer: nn.Module
         if kind == "fixed":
             try:
                 return spec.check_rank(value, layer, what)
-            except UserError as error:  # one rank for all: this layer alone may be too small for it
+            except RankAboveLayerError as error:  # one rank for all: this layer alone may be too small for it
                 raise UserError(f"{error}, or leave the layer dense with exclude=[{name!r}]") from None
         hw = None if input_shape is None else input_shape[-2:]
         return spec.select_rank(layer, kind, value, hw)

@@ -37,7 +37,7 @@ from norton.decomposition.factorized import FactorizedConv, chain_macs, conv_geo
 from norton.decomposition.layer_cp_conv import LayerCPConv
 from norton.decomposition.low_rank_layers import LowRankConv1x1, LowRankLinear, SpatialSVDConv
 from norton.decomposition.tucker2_conv import Tucker2Conv
-from norton.errors import UserError
+from norton.errors import RankAboveLayerError, UserError
 from norton.limits import MAX_RANK, check_int
 
 Rank = int | tuple[int, int]
@@ -77,7 +77,7 @@ class DecompositionMethod:
         full = self.full_rank(layer)
         assert isinstance(full, int)  # Tucker-2 overrides this method
         if rank > full:
-            raise UserError(
+            raise RankAboveLayerError(
                 f"{what} {rank:,} is above the full rank {full:,} of a {_shape(layer)} layer for {self.name} "
                 f"(a higher rank never lowers the error): use at most {full}, or a spec like 'energy:0.9'"
             )
@@ -222,7 +222,7 @@ class Tucker2Method(DecompositionMethod):
         r1, r2 = (check_int(v, what, minimum=1, maximum=MAX_RANK) for v in pair)
         full = self.full_rank(layer)
         if r1 > full[0] or r2 > full[1]:
-            raise UserError(
+            raise RankAboveLayerError(
                 f"{what} ({r1}, {r2}) is above the full Tucker-2 rank {full} of a {_shape(layer)} layer "
                 f"(at most C_in and N): give a smaller rank, a pair, or a spec like 'energy:0.9'"
             )
