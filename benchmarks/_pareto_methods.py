@@ -26,6 +26,7 @@ batches (512 images), ``details`` is plain data stored with the result (ranks, r
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -33,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 import norton
+from norton.decomposition.methods import METHODS as DECOMPOSITIONS
 
 Batches = list[tuple[Tensor, Tensor]]
 Method = Callable[[nn.Module, Tensor, float, Batches, int], tuple[nn.Module, dict[str, Any]]]
@@ -76,9 +78,8 @@ def auto(model: nn.Module, example: Tensor, budget: float, calibration: Batches,
     compressed = auto_compress(model, example, target_macs=budget, calibration=images, progress=False, **chosen)
     plan = getattr(compressed, "norton_plan", [])
     report = getattr(compressed, "norton_auto_report", None)
-    layers = sorted(getattr(report, "methods", {}).values())
-    return compressed, {"plan_ops": [record.get("op") for record in plan],
-                        "decomposed_layers": {m: layers.count(m) for m in dict.fromkeys(layers)}}
+    layers = Counter(getattr(report, "methods", {}).values())
+    return compressed, {"plan_ops": [record.get("op") for record in plan], "decomposed_layers": dict(sorted(layers.items()))}
 
 
 def _auto_offering(methods: tuple[str, ...]) -> Method:
@@ -255,11 +256,13 @@ def dense(model: nn.Module, example: Tensor, budget: float, calibration: Batches
     return copy.deepcopy(model), {}
 
 
+# Not in the default grid: auto_compress offered other decompositions, to show why its default is what it is.
+VARIANTS = ("auto-all", "auto-prune")
 METHODS: dict[str, Method] = {
     "dense": dense,
     "auto": auto,
     # auto_compress offered all four decompositions, layer CP included (its default until 2026-12-05)
-    "auto-all": _auto_offering(("cp-filter", "tucker2", "cp-layer", "svd")),
+    "auto-all": _auto_offering(tuple(DECOMPOSITIONS)),
     "auto-prune": _auto_offering(()),  # auto_compress with pruning only
     "auto-latency": auto_latency,
     "paper": paper,

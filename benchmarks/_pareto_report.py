@@ -201,7 +201,7 @@ def render_goals(records: Sequence[Mapping[str, Any]], model: str) -> str:
     groups = grouped(records, model)
     rows = []
     for (budget, method, epochs, distill), group in sorted(groups.items(), key=lambda kv: (kv[0][3], kv[0][2], -kv[0][0])):
-        goal = next((g for b, g in GOALS.items() if abs(b - budget) < 1e-6), None)
+        goal = GOALS.get(budget)  # budgets in keys are rounded to 6 digits, as GOALS' literals are
         ours = _mean_of(group, "top1_finetuned")
         if method != "auto" or goal is None or ours is None:
             continue

@@ -44,15 +44,14 @@ import _pareto_data as data_lib  # the _pareto_* helpers: next to this file, fir
 import _pareto_report as report
 import norton
 from _common import cpu_name, parse_list
-from _pareto_methods import METHODS, MethodUnavailable, macs_fraction, unavailable
+from _pareto_methods import METHODS, VARIANTS, MethodUnavailable, macs_fraction, unavailable
 from norton.deploy.benchmark import time_models, torch_runner
 from norton.deploy.timing import environment
 from norton.errors import UserError
 from norton.limits import check_distillation, check_epochs, check_int, check_target_macs
 from norton.training.distributed import resolve_device
 
-# The default grid: every MACs method but the two variants that only show why auto's default is what it is.
-VARIANTS = ("auto-all", "auto-prune")
+# The default grid: every MACs method but the auto variants that only show why auto's default is what it is.
 MACS_METHODS = [m for m in METHODS if m not in report.LATENCY_METHODS and m not in VARIANTS]
 DEFAULTS = {"budgets": "0.5,0.3,0.2,0.1", "methods": ",".join(MACS_METHODS), "seeds": "0,1,2"}
 # --quick: 512 training and 512 test images, one budget, two methods, one epoch (4 steps) everywhere.
@@ -268,19 +267,20 @@ def render(args: argparse.Namespace, results: Path) -> None:
     docs = Path(args.docs)
     images = [os.path.relpath(p, docs.parent) for p in plots]
     mine = [r for r in records if r["model"] == args.model]
+    tables, goals = report.render_tables(records, args.model), report.render_goals(records, args.model)
     body = "\n".join([
         f"### {args.model}", "", "Commands that produced these results (`--report-only` re-renders them):", "",
         *[f"    {command}" for command in report.commands(mine, args.model)], "",
         *[f"Measured on: {line}." for line in report.environments(mine)], "",
         report.baseline_line(records, args.model) or "", "",
-        report.render_tables(records, args.model), "",
+        tables, "",
         report.render_same_latency(records, args.model), "",
-        report.render_goals(records, args.model), "",
+        goals, "",
         f"![top-1 against MACs]({images[0]})", f"![top-1 against batch-64 latency]({images[1]})",
     ])
     report.write_document(docs, args.model, body)
-    print(report.render_tables(records, args.model))
-    print(report.render_goals(records, args.model))
+    print(tables)
+    print(goals)
     print(f"wrote {docs} and {', '.join(str(p) for p in plots)}")
 
 
