@@ -43,39 +43,20 @@ MACS_TOLERANCE = 0.02  # a budget is met when |MACs / (budget * baseline MACs) -
 MAX_TRIALS = 24  # bisection steps on Torch-Pruning's pruning_ratio
 
 
-class MethodUnavailable(RuntimeError):
-    """A method this installation cannot run (its message is one line saying why)."""
-
-
 def macs_fraction(model: nn.Module, reference_macs: int, example: Tensor) -> float:
     """``model``'s conv+linear MACs as a fraction of ``reference_macs`` (norton's counter)."""
     return norton.count_complexity(model, example_inputs=example).macs / reference_macs
 
 
 # ------------------------------------------------------------------ norton
-AUTO_MISSING = ("method 'auto' needs norton.auto_compress (issue 11, item 1), which this norton does not have "
-                "yet: run the other methods for now")
-
-
-def unavailable(method: str) -> str | None:
-    """Why ``method`` cannot run in this installation (one line), or ``None`` when it can."""
-    if method == "auto" and not hasattr(norton, "auto_compress"):
-        return AUTO_MISSING
-    return None
-
-
 def auto(model: nn.Module, example: Tensor, budget: float, calibration: Batches, seed: int,
          methods: tuple[str, ...] | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """:func:`norton.auto_compress` with the calibration images only (labels are not given); ``methods``
     as its argument (``None``: its default)."""
-    try:
-        auto_compress = norton.auto_compress
-    except AttributeError:
-        raise MethodUnavailable(AUTO_MISSING) from None
     torch.manual_seed(seed)
     images = [x for x, _ in calibration]
     chosen = {} if methods is None else {"methods": methods}
-    compressed = auto_compress(model, example, target_macs=budget, calibration=images, progress=False, **chosen)
+    compressed = norton.auto_compress(model, example, target_macs=budget, calibration=images, progress=False, **chosen)
     plan = getattr(compressed, "norton_plan", [])
     report = getattr(compressed, "norton_auto_report", None)
     layers = Counter(getattr(report, "methods", {}).values())

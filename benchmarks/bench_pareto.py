@@ -44,7 +44,7 @@ import _pareto_data as data_lib  # the _pareto_* helpers: next to this file, fir
 import _pareto_report as report
 import norton
 from _common import cpu_name, parse_list
-from _pareto_methods import METHODS, VARIANTS, MethodUnavailable, macs_fraction, unavailable
+from _pareto_methods import METHODS, VARIANTS, macs_fraction
 from norton.deploy.benchmark import time_models, torch_runner
 from norton.deploy.timing import environment
 from norton.errors import UserError
@@ -217,10 +217,7 @@ def run_grid(args: argparse.Namespace, results: Path) -> None:
            "device": str(resolve_device(args.device))}
     print(f"torch {env['torch']}, {env['threads']} threads, {env['cpu']} ({env['cpu_count']} cores), "
           f"training on {env['device']}, latency on the CPU", flush=True)
-    methods = []
-    for method in args.methods:  # one line for a method that cannot run here, then the others
-        reason = unavailable(method)
-        print(f"skipping: {reason}", flush=True) if reason else methods.append(method)
+    methods = list(args.methods)
     records = report.read_results(results)
     done = report.done_keys(records)
     data = data_lib.build_data(data_dir=args.data_dir, limit=QUICK["limit"] if args.quick else None)
@@ -251,7 +248,7 @@ def run_grid(args: argparse.Namespace, results: Path) -> None:
         print(label, flush=True)
         try:
             record = run_one(args, env, data, baseline, base, key)
-        except (MethodUnavailable, UserError) as error:  # e.g. a budget a method cannot reach: the others go on
+        except UserError as error:  # e.g. a budget a method cannot reach: the others go on
             print(f"  {key['method']} failed: {error}", flush=True)
             continue
         report.append_result(record, results)

@@ -55,18 +55,6 @@ def test_bisection_reports_the_closest_trial_when_widths_cannot_meet_the_budget(
     assert pruned[0].out_channels == 1
 
 
-# ------------------------------------------------------------------ the auto method before auto_compress exists
-def test_auto_without_auto_compress_says_so_in_one_line(monkeypatch, capsys):
-    monkeypatch.delitem(norton._EXPORTS, "auto_compress", raising=False)
-    monkeypatch.delattr(norton, "auto_compress", raising=False)
-    with pytest.raises(methods.MethodUnavailable) as caught:
-        methods.auto(_resnet20(), torch.zeros(1, 1, 32, 32), 0.5, _calibration(), 0)
-    message = str(caught.value)
-    assert "\n" not in message and "norton.auto_compress" in message
-    assert methods.unavailable("auto") == message
-    assert methods.unavailable("tp-l1-uniform") is None
-
-
 def test_paper_rank_rule():
     assert [methods.paper_rank(b) for b in (0.5, 0.3, 0.2, 0.1)] == [4, 4, 2, 2]
 
