@@ -311,4 +311,26 @@ def test_auto_variants_offer_all_four_decompositions_or_none(monkeypatch):
     assert seen == ["default", ("cp-filter", "tucker2", "cp-layer", "svd"), ()]
     assert calls["auto"]["decomposed_layers"] == {"cp-layer": 1, "svd": 2}
     default = bench_pareto.parse_args([]).methods
-    assert "auto" in default and "auto-all" not in default and "auto-prune" not in default
+    assert "auto" in default and not set(methods.VARIANTS) & set(default)
+
+
+def test_auto_option_variants_change_one_option_each(monkeypatch):
+    seen = {}
+
+    def fake_auto_compress(model, example, **kwargs):
+        small = torch.nn.Sequential()
+        small.norton_auto_report = type("R", (), {"methods": {}, "distillation": {"steps": kwargs.get("distill_steps")}})()
+        seen[len(seen)] = {k: v for k, v in kwargs.items() if k not in ("target_macs", "calibration", "progress")}
+        return small
+
+    monkeypatch.setattr(norton, "auto_compress", fake_auto_compress)
+    details = {}
+    for name in ("auto-cp-filter", "auto-tucker2-svd", "auto-sensitivity-512", "auto-fine-fractions",
+                 "auto-calibration-distill"):
+        details[name] = methods.METHODS[name](_resnet20(), torch.zeros(1, 1, 32, 32), 0.2, _calibration(), 0)[1]
+    assert list(seen.values()) == [{"methods": ("cp-filter",)}, {"methods": ("tucker2", "svd")},
+                                   {"sensitivity_images": 512},
+                                   {"fractions": (0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125)},
+                                   {"distill_steps": 200}]
+    assert details["auto-calibration-distill"]["calibration_distillation"] == {"steps": 200}
+    assert set(methods.VARIANTS) <= set(methods.METHODS)

@@ -136,6 +136,8 @@ def model_file(tmp_path):
         (["-r", "2", "--distill", "--distill-alpha", "1.5"], "distillation alpha is the weight of the teacher's term "
                                                             "and must lie in [0, 1], got 1.5"),
         (["-r", "2", "--distill", "--distill-temperature", "0"], "distillation temperature must be positive, got 0.0"),
+        (["-r", "2", "--calibration-distill-steps", "5"], "calibration distillation steps are part of auto_compress"),
+        (["--target-macs", "0.5", "--calibration-distill-steps", "-5"], "calibration distillation steps must be"),
     ],
 )
 def test_compress_user_errors_are_one_line_and_come_before_any_work(capsys, tmp_path, no_work, extra, expected):
@@ -321,6 +323,11 @@ def test_target_latency_reaches_the_compression_run(monkeypatch, capsys, value):
     assert main(["compress", "--arch", "resnet_20", "--target-latency", value, "--json"]) == 0
     capsys.readouterr()
     assert calls[0]["target_latency"] == value and calls[0]["target_macs"] is None
+    assert calls[0]["calibration_distill_steps"] == 0
+    assert main(["compress", "--arch", "resnet_20", "--target-macs", "0.5", "--calibration-distill-steps", "5",
+                 "--json"]) == 0
+    capsys.readouterr()
+    assert calls[1]["calibration_distill_steps"] == 5
     with pytest.raises(SystemExit):  # one budget only (argparse says so)
         main(["compress", "--arch", "resnet_20", "--target-latency", value, "--target-macs", "0.5"])
     assert "not allowed with argument --target-latency" in capsys.readouterr().err

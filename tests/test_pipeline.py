@@ -119,7 +119,31 @@ def test_a_latency_budget_reaches_auto_compress(tiny_loaders, monkeypatch):
         prune_finetune=FineTune(epochs=0), device="cpu", progress=False, log=lambda m: None,
     )
     assert seen["target_latency"] == "5ms" and "target_macs" not in seen
+    assert seen["distill_steps"] == 0  # calibration distillation is off unless asked for
     assert [stage["name"] for stage in result.stages] == ["baseline", "auto"]
+
+
+def test_calibration_distillation_reaches_auto_compress_and_is_refused_elsewhere(tiny_loaders, monkeypatch):
+    import norton.auto
+
+    seen = {}
+
+    def fake_auto_compress(model, example, **kwargs):
+        seen.update(kwargs)
+        return norton.prune(model, example, ratio=0.5, criterion="l1")
+
+    monkeypatch.setattr(norton.auto, "auto_compress", fake_auto_compress)
+    common = {"input_size": (3, 32, 32), "device": "cpu", "progress": False, "log": lambda m: None,
+              "prune_finetune": FineTune(epochs=0)}
+    compress(create_model("resnet_20"), tiny_loaders, rank=None, target_macs=0.4, calibration_distill_steps=7,
+             **common)
+    assert seen["distill_steps"] == 7 and seen["target_macs"] == 0.4
+    with pytest.raises(UserError, match="part of auto_compress"):
+        compress(create_model("resnet_20"), tiny_loaders, rank=2, target_macs=0.4, calibration_distill_steps=7,
+                 **common)
+    with pytest.raises(UserError, match="calibration distillation steps must be"):
+        compress(create_model("resnet_20"), tiny_loaders, rank=None, target_macs=0.4, calibration_distill_steps=-1,
+                 **common)
 
 
 @pytest.mark.parametrize("method", ["tucker2", "cp-layer", "svd"])

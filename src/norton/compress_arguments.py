@@ -20,6 +20,7 @@ from norton.errors import UserError
 from norton.limits import (
     check_distillation,
     check_epochs,
+    check_int,
     check_learning_rate,
     check_rank,
     check_ratios,
@@ -135,6 +136,7 @@ def check_compress_arguments(
     decompose_finetune: FineTune | None,
     prune_finetune: FineTune | None,
     target_latency: float | str | None = None,
+    calibration_distill_steps: int = 0,
 ) -> dict[str, Any]:
     """Check every argument of :func:`compress` that needs no model; returns the pruning amount.
 
@@ -162,6 +164,10 @@ def check_compress_arguments(
             raise UserError("order 'auto' does not take round_to yet: leave it out, or give a rank to use NORTON's path")
     elif target_latency is not None:
         raise UserError("target_latency is met by auto_compress only: use order 'auto' (the default without a rank)")
+    if check_int(calibration_distill_steps, "calibration distillation steps", minimum=0, maximum=1_000_000) \
+            and order != "auto":
+        raise UserError("calibration distillation steps are part of auto_compress: use them with order 'auto' "
+                        "(--target-macs or --target-latency without a rank)")
     amounts: dict[str, Any] = {}
     if target_latency is not None:
         parse_target_latency(target_latency)

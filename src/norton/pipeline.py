@@ -161,6 +161,7 @@ def compress(
     progress: bool = True,
     log: Callable[[str], None] = print,
     detector_parts: Sequence[str] | None = None,
+    calibration_distill_steps: int = 0,
 ) -> CompressionResult:
     """Compress a trained ``model`` with NORTON and fine-tune after each step.
 
@@ -198,6 +199,9 @@ def compress(
         output_dir: where stage folders go; ``None`` writes nothing (no resume).
         resume: continue a killed run in ``output_dir``.
         detector_parts: a detector's parts to compress (default its body; :mod:`norton.detection.parts`).
+        calibration_distill_steps: with ``order="auto"``, train the compressed model this many steps to
+            reproduce ``model``'s outputs on the calibration images before fine-tuning (auto_compress's
+            ``distill_steps``; classifiers only). Default 0.
     """
     order = resolve_order(order, rank=rank, compress_rate=compress_rate, ratio=ratio, target_macs=target_macs,
                           target_latency=target_latency)
@@ -205,7 +209,7 @@ def compress(
     amounts = check_compress_arguments(
         rank=rank, compress_rate=compress_rate, ratio=ratio, target_macs=target_macs, criterion=criterion,
         round_to=round_to, order=order, decompose_finetune=decompose_finetune, prune_finetune=prune_finetune,
-        target_latency=target_latency,
+        target_latency=target_latency, calibration_distill_steps=calibration_distill_steps,
     )
     shape = check_input_size(input_size)
     input_size = shape[1:] if len(shape) == 4 else shape  # one sample: (C, H, W)
@@ -268,7 +272,7 @@ def compress(
         # check_compress_arguments requires exactly one of the two budgets for "auto"
         budget = {"target_latency": target_latency} if target_latency is not None else {"target_macs": target_macs}
         return auto_compress(m, example, calibration=loaders.train, criterion=criterion, progress=progress,
-                             detector_parts=parts, **budget)
+                             detector_parts=parts, distill_steps=calibration_distill_steps, **budget)
 
     steps: list[tuple[str, Callable[[nn.Module], nn.Module], FineTune]] = []
     do_prune = bool(amounts)

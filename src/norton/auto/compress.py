@@ -48,7 +48,7 @@ from norton.deploy.tolerance import DTYPES, dtype_name
 from norton.detection.parts import AUTO_PARTS, check_parts, parts_macs, parts_predicate
 from norton.errors import UserError
 from norton.example_inputs import ExampleInputs, first_tensor, model_device, module_input_shapes
-from norton.limits import check_int, check_target_macs
+from norton.limits import check_finite, check_int, check_target_macs
 
 FRACTIONS = (0.75, 0.5, 0.25, 0.125)  # kept fractions of a group whose output change is measured
 MIN_LATENCY_GAIN = 0.02  # a latency correction pass this much faster than the one before, or the passes stop
@@ -72,6 +72,8 @@ class AutoReport:
     ranks: dict[str, Any] = field(default_factory=dict)  # decomposed layer -> rank ((R1, R2) for tucker2)
     methods: dict[str, str] = field(default_factory=dict)  # decomposed layer -> its method ("cp-filter", "tucker2", ...)
     recovery: dict[str, Any] = field(default_factory=dict)
+    # With distill_steps: {"steps", "images", "mismatch_before", "mismatch_after"} (calibration_distillation).
+    distillation: dict[str, Any] = field(default_factory=dict)
     # With target_latency (milliseconds, optimize_for_inference's form, measured on example_inputs' device
     # and batch): the target, the input model's latency and the result's (the last timing, interleaved),
     # the allocation's prediction, and each allocation pass {"goal_ms", "predicted_ms", "measured_ms"}.
@@ -100,6 +102,8 @@ def auto_compress(
     ignored_layers: Iterable[str | nn.Module] = (),
     detector_parts: Sequence[str] | None = None,
     recover: bool = True,
+    distill_steps: int = 0,
+    distill_lr: float = 1e-3,
     progress: bool = True,
     latency_dtype: torch.dtype | str = torch.float32,
     latency_cache: str | os.PathLike | None = None,
@@ -141,6 +145,12 @@ def auto_compress(
             (:class:`norton.detection.features.DetectorFeatures`); calibration batches are lists of
             images or ``(images, targets)`` pairs, as a detection DataLoader yields.
         recover: refit consumers and CP factors and re-estimate BatchNorm on the calibration images.
+        distill_steps: after recovery, train the compressed model this many Adam steps to reproduce
+            ``model``'s outputs on the calibration images (no labels;
+            :func:`norton.calibration_distillation.distill_on_calibration`). Raises top-1 right after
+            compression (ResNet-20 at 0.1 of the MACs: 75.7% -> 86.4% with 200), not after a
+            fine-tuning epoch; classifiers and other single-tensor outputs only. Default 0 (off).
+        distill_lr: its learning rate at the first step (cosine to 0).
         latency_dtype: the dtype the latency is measured in (``optimize_for_inference``'s ``dtype``).
         latency_cache: the folder of the layer-latency tables (default ``$NORTON_LATENCY_CACHE``,
             else ``~/.cache/norton/latency``).
@@ -170,8 +180,13 @@ def auto_compress(
     check_int(sensitivity_images, "sensitivity_images", maximum=100_000)
     check_int(samples, "samples", maximum=64)
     check_int(calibration_images, "calibration_images", maximum=100_000)
+    check_int(distill_steps, "distill_steps", minimum=0, maximum=1_000_000)
+    check_finite(distill_lr, "distill_lr", positive=True)
     get_criterion(criterion)
     parts = check_parts(model, detector_parts)
+    if parts is not None and distill_steps:
+        raise UserError("auto_compress's distill_steps needs a model whose output is one tensor (a classifier); "
+                        "for a detector leave it at 0 and fine-tune instead")
     if parts is not None:
         from norton.detection.features import detector_calibration_inputs
 
@@ -201,8 +216,9 @@ def auto_compress(
     )
     calibration_batches = inputs[:_images(inputs, calibration_images)]
     if reference is not None:
-        return _latency_compress(model, example_inputs, search, reference, latency_goal[0], calibration_batches,
-                                 criterion, recover, DTYPES[latency_precision], latency_cache, latency_passes)
+        result = _latency_compress(model, example_inputs, search, reference, latency_goal[0], calibration_batches,
+                                   criterion, recover, DTYPES[latency_precision], latency_cache, latency_passes)
+        return _distilled(model, result, calibration_batches, distill_steps, distill_lr, progress)
     allocation = allocate(search.macs, search.prune_curves, search.decompose_curves, target * search.original,
                           tolerance=MACS_TOLERANCE)
     plan = _plan_of(search, allocation)
@@ -219,6 +235,17 @@ def auto_compress(
         macs_after=int(macs), predicted_change=allocation.cost, widths=plan.widths, ranks=plan.ranks,
         methods=plan.methods, recovery=plan.recovery,
     )
+    return _distilled(model, result, calibration_batches, distill_steps, distill_lr, progress)
+
+
+def _distilled(model: nn.Module, result: nn.Module, inputs: Sequence[Tensor], steps: int, lr: float,
+               progress: bool) -> nn.Module:
+    """``result`` after ``steps`` of distillation from ``model`` on ``inputs`` (recorded in its report)."""
+    if steps:
+        from norton.calibration_distillation import distill_on_calibration
+
+        report: AutoReport = result.norton_auto_report  # type: ignore[assignment]  # set by auto_compress
+        report.distillation = distill_on_calibration(model, result, inputs, steps=steps, lr=lr, progress=progress)
     return result
 
 
