@@ -11,7 +11,7 @@ import math
 import re
 import statistics
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -253,8 +253,10 @@ def environments(records: Iterable[Mapping[str, Any]]) -> list[str]:
 
 
 # ------------------------------------------------------------------ plots
-def plot(records: Sequence[Mapping[str, Any]], model: str, folder: Path, prefix: str = "pareto") -> list[Path]:
-    """Top-1 after fine-tuning against the MACs fraction and against batch-64 latency, one line per method."""
+def plot(records: Sequence[Mapping[str, Any]], model: str, folder: Path, prefix: str = "pareto",
+         leave_out: Collection[str] = ()) -> list[Path]:
+    """Top-1 after fine-tuning against the MACs fraction and against batch-64 latency, one line per method
+    (but the methods in ``leave_out``)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on servers
@@ -269,6 +271,8 @@ def plot(records: Sequence[Mapping[str, Any]], model: str, folder: Path, prefix:
         fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=90)
         lines: dict[tuple[str, int, bool], list[tuple[float, float, float]]] = defaultdict(list)
         for (_, method, epochs, distill), group in groups.items():
+            if method in leave_out:
+                continue
             xs = [r[x_field] for r in group if r.get(x_field) is not None]
             ys = [r["top1_finetuned"] for r in group if r.get("top1_finetuned") is not None]
             if xs and ys:

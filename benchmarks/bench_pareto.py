@@ -44,7 +44,7 @@ import _pareto_data as data_lib  # the _pareto_* helpers: next to this file, fir
 import _pareto_report as report
 import norton
 from _common import cpu_name, parse_list
-from _pareto_methods import METHODS, VARIANTS, macs_fraction
+from _pareto_methods import METHODS, OPTION_VARIANTS, VARIANTS, macs_fraction
 from norton.deploy.benchmark import time_models, torch_runner
 from norton.deploy.timing import environment
 from norton.errors import UserError
@@ -260,7 +260,7 @@ def render(args: argparse.Namespace, results: Path) -> None:
     if not any(r["model"] == args.model for r in records):
         print(f"no results for {args.model} in {results} yet")
         return
-    plots = report.plot(records, args.model, Path(args.images))
+    plots = report.plot(records, args.model, Path(args.images), leave_out=OPTION_VARIANTS)
     docs = Path(args.docs)
     images = [os.path.relpath(p, docs.parent) for p in plots]
     mine = [r for r in records if r["model"] == args.model]

@@ -289,6 +289,21 @@ def test_plots_are_small_pngs(tmp_path):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size < 200_000
 
 
+def test_plots_leave_out_the_methods_asked(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    labels = []
+    drawn = matplotlib.axes.Axes.errorbar
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar",
+                        lambda self, *a, **k: labels.append(k["label"]) or drawn(self, *a, **k))
+    records = [_record(m, b, 0, 90.0 + b) for m in ("auto", "auto-cp-filter") for b in (0.5, 0.3)]
+    report.plot(records, "resnet_20", tmp_path, leave_out=("auto-cp-filter",))
+    assert labels == ["auto, 1 ep"] * 2  # one line per plot
+    labels.clear()
+    report.plot(records, "resnet_20", tmp_path)
+    assert sorted(labels) == ["auto, 1 ep"] * 2 + ["auto-cp-filter, 1 ep"] * 2
+
+
 def test_dense_control_is_an_untouched_copy_of_the_baseline():
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3))
     copy, details = methods.METHODS["dense"](model, torch.zeros(1, 1, 8, 8), 1.0, [], 0)
