@@ -104,16 +104,22 @@ def test_a_budget_alone_runs_auto_compress_in_one_fine_tuned_stage(tiny_loaders,
     torch.testing.assert_close(loaded(x), result.model.eval()(x), rtol=1e-4, atol=1e-5)
 
 
-def test_a_latency_budget_reaches_auto_compress(tiny_loaders, monkeypatch):
+def _spy_on_auto_compress(monkeypatch) -> dict:
+    """Replace auto_compress by a plain prune; the returned dict receives the keyword arguments it was given."""
     import norton.auto
 
-    seen = {}
+    seen: dict = {}
 
     def fake_auto_compress(model, example, **kwargs):
         seen.update(kwargs)
         return norton.prune(model, example, ratio=0.5, criterion="l1")
 
     monkeypatch.setattr(norton.auto, "auto_compress", fake_auto_compress)
+    return seen
+
+
+def test_a_latency_budget_reaches_auto_compress(tiny_loaders, monkeypatch):
+    seen = _spy_on_auto_compress(monkeypatch)
     result = compress(
         create_model("resnet_20"), tiny_loaders, input_size=(3, 32, 32), rank=None, target_latency="5ms",
         prune_finetune=FineTune(epochs=0), device="cpu", progress=False, log=lambda m: None,
@@ -124,15 +130,7 @@ def test_a_latency_budget_reaches_auto_compress(tiny_loaders, monkeypatch):
 
 
 def test_calibration_distillation_reaches_auto_compress_and_is_refused_elsewhere(tiny_loaders, monkeypatch):
-    import norton.auto
-
-    seen = {}
-
-    def fake_auto_compress(model, example, **kwargs):
-        seen.update(kwargs)
-        return norton.prune(model, example, ratio=0.5, criterion="l1")
-
-    monkeypatch.setattr(norton.auto, "auto_compress", fake_auto_compress)
+    seen = _spy_on_auto_compress(monkeypatch)
     common = {"input_size": (3, 32, 32), "device": "cpu", "progress": False, "log": lambda m: None,
               "prune_finetune": FineTune(epochs=0)}
     compress(create_model("resnet_20"), tiny_loaders, rank=None, target_macs=0.4, calibration_distill_steps=7,
