@@ -278,11 +278,12 @@ def plot(records: Sequence[Mapping[str, Any]], model: str, folder: Path, prefix:
             if xs and ys:
                 spread = statistics.stdev(ys) if len(ys) > 1 else 0.0
                 lines[(method, epochs, distill)].append((statistics.fmean(xs), statistics.fmean(ys), spread))
-        for (method, epochs, distill), points in sorted(lines.items()):
+        colors = plt.get_cmap("tab20").colors  # more lines than the default cycle's 10 colours
+        for index, ((method, epochs, distill), points) in enumerate(sorted(lines.items())):
             points.sort()
             ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points],
-                        marker="o", linestyle="-" if epochs == 1 else "--", capsize=3,
-                        label=f"{_method_label(method, distill)}, {epochs} ep")
+                        marker="o", linestyle=":" if distill else "-" if epochs == 1 else "--", capsize=3,
+                        color=colors[index % len(colors)], label=f"{_method_label(method, distill)}, {epochs} ep")
         if base:
             ax.plot([base[-1][x_field]], [base[-1]["top1_finetuned"]], marker="*", markersize=12, color="black",
                     linestyle="none", label="baseline")
