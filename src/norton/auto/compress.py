@@ -21,7 +21,8 @@ Four steps, each in its own module:
 4. **recovery** (:mod:`norton.recovery`): the consumers of removed channels, the CPDBlocks'
    factors and the other blocks' last layers are refitted by least squares to reproduce the
    uncompressed layers' outputs on the calibration images, then BatchNorm statistics are
-   re-estimated.
+   re-estimated; with ``distill_steps``, the whole model is then trained to match the input
+   model's outputs on those images (:mod:`norton.calibration_distillation`).
 
 Pruning comes before decomposition here (the paper decomposes first): the channels
 and the sensitivity curves are then both measured on the model the user gave, and the
