@@ -11,6 +11,7 @@ under ``--out`` (resumable: a killed baseline continues from its ``last.pt``) an
 """
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +72,20 @@ def calibration_batches(data: Data, *, images: int, seed: int, batch_size: int =
 def baseline_dir(out: Path, model_name: str, epochs: int, seed: int, tag: str = "") -> Path:
     """The cache folder of one baseline: keyed by model, epochs and seed (and ``tag``: quick runs)."""
     return out / "baseline" / f"{model_name}-e{epochs}-s{seed}{tag}"
+
+
+def fingerprint(model: nn.Module) -> str:
+    """12 hex digits of a SHA-256 over ``model``'s state dict (names, dtypes, shapes and values).
+
+    A fresh clone trains the baseline again (weights are not committed); rows measured on two
+    baselines that differ in a single bit carry different fingerprints.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        value = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{value.dtype}:{tuple(value.shape)}".encode())
+        digest.update(value.numpy().tobytes() if value.dtype != torch.bfloat16 else value.float().numpy().tobytes())
+    return digest.hexdigest()[:12]
 
 
 def trained_baseline(

@@ -234,10 +234,15 @@ def baseline_line(records: Sequence[Mapping[str, Any]], model: str) -> str | Non
     if not base:
         return None
     b = base[-1]
-    return (f"Baseline `{model}`: top-1 {b['top1_finetuned']:.2f}% after {b['epochs']} epochs "
+    marks = list(dict.fromkeys(r["details"].get("fingerprint") or "not recorded" for r in base))
+    line = (f"Baseline `{model}`: top-1 {b['top1_finetuned']:.2f}% after {b['epochs']} epochs "
             f"({b['details']['train_seconds'] / 60:.1f} min of training), {_human(b['macs'])} MACs, "
             f"{_human(b['params'])} params, latency {b['latency_ms_b1']:.2f} ms at batch 1 and "
-            f"{b['latency_ms_b64']:.1f} ms at batch 64.")
+            f"{b['latency_ms_b64']:.1f} ms at batch 64 (fingerprint {marks[-1]}).")
+    if len(marks) > 1:  # a fresh clone retrained it and got other weights
+        line += (f" The rows come from {len(marks)} trainings of this baseline (fingerprints {', '.join(marks)}; "
+                 "each row records its own); this line describes the last.")
+    return line
 
 
 def environments(records: Iterable[Mapping[str, Any]]) -> list[str]:

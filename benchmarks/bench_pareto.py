@@ -16,9 +16,12 @@ those fractions of the baseline's batch-64 CPU latency; the report compares ever
 with Torch-Pruning's frontier at the same measured speed-up.
 
 One JSON object per ``(model, method, budget, seed, epochs, distill)`` is appended to
-``--out/results.jsonl``; keys already there are skipped, so a killed run resumes and the grid is
-filled piece by piece. The tables (mean ± std over seeds) and the two plots go to
-``docs/pareto.md`` and ``docs/images/pareto_*.png``.
+``--results`` (``benchmarks/results/pareto.jsonl``, committed: a fresh clone keeps every earlier
+session's rows); keys already there are skipped, so a killed run resumes and the grid is filled
+piece by piece, across machines. The baseline is cached under ``--out`` (not committed: a fresh
+clone trains it again, seeded, and every row records the fingerprint of the baseline it came
+from). The tables (mean ± std over seeds) and the two plots go to ``docs/pareto.md`` and
+``docs/images/pareto_*.png``.
 
     .venv/bin/python benchmarks/bench_pareto.py --budgets 0.5,0.3 --methods paper,tp-l1-uniform --seeds 0
     .venv/bin/python benchmarks/bench_pareto.py --methods auto,paper,tp-l1-global --epochs 5 --seeds 0,1,2
@@ -55,6 +58,8 @@ from norton.training.distributed import resolve_device
 MACS_METHODS = [m for m in METHODS if m not in report.LATENCY_METHODS and m not in VARIANTS]
 DEFAULTS = {"budgets": "0.5,0.3,0.2,0.1", "methods": ",".join(MACS_METHODS), "seeds": "0,1,2"}
 # --quick: 512 training and 512 test images, one budget, two methods, one epoch (4 steps) everywhere.
+# Committed, so that the grid is filled across sessions and clones (the baseline is not: weights stay out of git).
+RESULTS = Path("benchmarks/results/pareto.jsonl")
 QUICK: dict[str, Any] = {"limit": 512, "budgets": "0.5", "methods": "tp-l1-uniform,paper", "seeds": "0",
                          "epochs": 1, "baseline_epochs": 1}
 
@@ -74,7 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--distill", action="store_true", help="fine-tune with the baseline as teacher")
     parser.add_argument("--distill-alpha", type=float, default=0.5)
     parser.add_argument("--distill-temperature", type=float, default=4.0)
-    parser.add_argument("--out", default="runs/pareto", help="results.jsonl and the cached baseline")
+    parser.add_argument("--results", default=str(RESULTS),
+                        help=f"the JSONL file of results, appended to (default {RESULTS}, committed)")
+    parser.add_argument("--out", default="runs/pareto", help="the cached baseline (not committed)")
     parser.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (default Debian's)")
     parser.add_argument("--docs", default="docs/pareto.md", help="the document whose marked section is rewritten")
     parser.add_argument("--images", default="docs/images", help="folder of the plots")
@@ -82,10 +89,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--report-only", action="store_true", help="only render the tables and plots")
     parser.add_argument("--quick", action="store_true",
-                        help="smoke test: 512 train/test images, budget 0.5, two methods, into --out/quick")
+                        help="smoke test: 512 train/test images, budget 0.5, two methods, all into --out/quick")
     args = parser.parse_args(argv)
     if args.quick:
         args.out = str(Path(args.out) / "quick")
+        args.results = str(Path(args.out) / "results.jsonl")
         args.docs, args.images = str(Path(args.out) / "pareto.md"), args.out
         args.epochs, args.baseline_epochs = QUICK["epochs"], QUICK["baseline_epochs"]
     for name in ("budgets", "methods", "seeds"):  # a piece of the grid given is kept, also with --quick
@@ -191,7 +199,8 @@ def run_one(args: argparse.Namespace, env: dict[str, Any], data: data_lib.Data, 
     return {**key, "top1_compressed": before, "top1_finetuned": result.test["top1"],
             **measure(compressed, baseline, data, base_record["macs"], quick=args.quick),
             "compress_seconds": compress_seconds, "finetune_seconds": finetune_seconds, "details": details,
-            "baseline_top1": base_record["top1_finetuned"], "recipe": {**data_lib.FINETUNE_RECIPE, "device": device,
+            "baseline_top1": base_record["top1_finetuned"],
+            "baseline_fingerprint": base_record["details"]["fingerprint"], "recipe": {**data_lib.FINETUNE_RECIPE, "device": device,
             "batch_size": data_lib.BATCH_SIZE, "train_images": len(data.splits.train)},
             "env": env, "command": command_line(), "finished": datetime.now(UTC).isoformat(timespec="seconds")}
 
@@ -226,9 +235,17 @@ def run_grid(args: argparse.Namespace, results: Path) -> None:
     baseline = baseline.cpu().eval()
     base_key = {"model": args.model, "method": "baseline", "budget": 1.0, "seed": metadata["seed"],
                 "epochs": metadata["epochs"], "distill": False}
-    base = next((r for r in records if report.record_key(r) == report.record_key(base_key)), None)
+    measured = [r for r in records if report.record_key(r) == report.record_key(base_key)]
+    base = measured[-1] if measured else None
+    mark = data_lib.fingerprint(baseline)
+    if base is not None and base["details"].get("fingerprint") != mark:
+        # Another machine (or torch) trained a different baseline: its rows stay, new rows say which they used.
+        print(f"warning: this baseline (fingerprint {mark}) is not the one the rows in {results} were measured "
+              f"with ({base['details'].get('fingerprint') or 'not recorded'}); new rows record {mark}", flush=True)
+        base = None
     if base is None:
         base = baseline_record(args, env, data, baseline, metadata)
+        base["details"]["fingerprint"] = mark
         report.append_result(base, results)
     # The fixed-budget control first (dense at 1), MACs budgets for the MACs methods,
     # --latency-budgets for the latency ones (auto-latency, also when --methods does not name it).
@@ -288,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench_pareto: error: {error}", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
-    results = Path(args.out) / "results.jsonl"
+    results = Path(args.results)
     if not args.report_only:
         try:
             run_grid(args, results)

@@ -100,6 +100,7 @@ def _fake_data_and_baseline(monkeypatch):
     monkeypatch.setattr(bench_pareto.data_lib, "build_data", lambda **_: FakeData())
     monkeypatch.setattr(bench_pareto.data_lib, "trained_baseline",
                         lambda *a, **k: (model, {"seed": 0, "epochs": 1, "test_top1": 90.0, "train_seconds": 1.0}))
+    return model
 
 
 def test_a_second_run_skips_the_keys_the_first_wrote(tmp_path, monkeypatch):
