@@ -22,8 +22,9 @@ benchmark's recipe and data (``_pareto_data``: SGD lr 0.01, momentum 0.9, weight
 per-step cosine to 0, batch 128, no warm-up, ``--epochs`` epochs over the 60,000 augmented
 training images in the order the seed draws, or ``--train-images`` of them), and scored again.
 Nothing is selected on the test images: no validation split, a fixed epoch count. One JSON line
-per ``(method, budget, variant, seed)`` goes to ``--out``; keys already there are skipped, so a
-killed run resumes. ``--report-only`` prints the table again.
+per ``(method, budget, variant, seed)`` goes to ``--out`` (``benchmarks/results/methods.jsonl``,
+committed, so a fresh clone keeps the rows); keys already there are skipped, so a killed run
+resumes. ``--report-only`` prints the table again.
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_methods.py
     .venv/bin/python benchmarks/bench_methods.py --report-only --docs docs/decompositions.md
@@ -328,7 +329,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--train-images", type=int, default=60_000, help="fine-tuning images (of 60,000)")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (default Debian's)")
-    parser.add_argument("--out", default="runs/methods/results.jsonl")
+    parser.add_argument("--out", default="benchmarks/results/methods.jsonl", help="the JSONL results (committed)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--report-only", action="store_true", help="only print the table of --out")
     parser.add_argument("--docs", default=None,

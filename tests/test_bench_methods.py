@@ -151,3 +151,12 @@ def test_the_data_follows_the_channels_the_baseline_reads():
 def test_without_ckpt_the_pareto_baseline_is_used_and_nothing_is_refused():
     args = bench.parse_args(["--methods", "svd", "--budgets", "0.5"])
     assert args.ckpt is None and args.train_images == 60_000
+
+
+def test_results_are_committed_and_an_empty_file_leaves_the_docs_alone(tmp_path, capsys):
+    assert bench.parse_args([]).out == "benchmarks/results/methods.jsonl"
+    docs = tmp_path / "page.md"
+    docs.write_text(f"{bench.MARKERS[0]}\nmeasured before\n{bench.MARKERS[1]}\n")
+    argv = ["--report-only", "--out", str(tmp_path / "none.jsonl"), "--docs", str(docs)]
+    assert bench.main(argv) == 0
+    assert "no results" in capsys.readouterr().out and "measured before" in docs.read_text()
