@@ -68,6 +68,15 @@ def test_decompose_then_prune_meets_the_budget_from_a_milder_decomposition():
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))  # baseline untouched
 
 
+def test_prune_ranks_variant_reaches_a_tucker2_budget_from_the_first_decomposition():
+    model = _resnet20()
+    work, details = bench.compress(model, "tucker2", 0.3, "decompose+prune-ranks", X, seed=0)
+    assert work is not None and details["decompose_target"] == pytest.approx(0.42)  # no fallback to 1.2x, 1.1x
+    base = norton.count_complexity(model, example_inputs=X).macs
+    assert abs(bench.macs_fraction(work, base, X) / 0.3 - 1) <= 0.02
+    assert work.norton_plan[-1]["prune_ranks"] is True
+
+
 # ------------------------------------------------------------------ the results file
 def test_run_missing_skips_done_keys_and_drops_a_torn_last_line(tmp_path):
     path = tmp_path / "results.jsonl"

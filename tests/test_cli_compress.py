@@ -138,6 +138,8 @@ def model_file(tmp_path):
         (["-r", "2", "--distill", "--distill-temperature", "0"], "distillation temperature must be positive, got 0.0"),
         (["-r", "2", "--calibration-distill-steps", "5"], "calibration distillation steps are part of auto_compress"),
         (["--target-macs", "0.5", "--calibration-distill-steps", "-5"], "calibration distillation steps must be"),
+        (["--target-macs", "0.5", "--prune-ranks"], "prune_ranks prunes the ranks of decomposed layers"),
+        (["-r", "2", "--prune-ranks"], "with a single ratio or target_macs on NORTON's path"),
     ],
 )
 def test_compress_user_errors_are_one_line_and_come_before_any_work(capsys, tmp_path, no_work, extra, expected):
@@ -348,3 +350,31 @@ def test_target_latency_arguments_are_checked_without_a_model():
         check_compress_arguments(rank=2, order="auto", target_latency=0.5, **common)
     with pytest.raises(UserError, match="one way"):
         check_compress_arguments(rank=None, order="auto", target_latency=0.5, **{**common, "target_macs": 0.5})
+
+
+def test_prune_prunes_only_and_passes_prune_ranks(monkeypatch):
+    """``norton prune --target-macs`` prunes: without the explicit order it would mean auto_compress."""
+    import norton.cli.compress
+    import norton.cli.prune
+
+    calls = []
+    monkeypatch.setattr(norton.cli.prune, "run_compression", lambda **kwargs: calls.append(kwargs) or {})
+    monkeypatch.setattr(norton.cli.prune, "print_summary", lambda *a, **k: None)
+    assert main(["prune", "--ckpt", "m.pt", "--target-macs", "0.3"]) == 0
+    assert main(["prune", "--ckpt", "m.pt", "--target-macs", "0.3", "--prune-ranks"]) == 0
+    assert [(c["order"], c["prune_ranks"]) for c in calls] == [("decompose-prune", False), ("decompose-prune", True)]
+    monkeypatch.setattr(norton.cli.compress, "run_compression", lambda **kwargs: calls.append(kwargs) or {})
+    monkeypatch.setattr(norton.cli.compress, "print_summary", lambda *a, **k: None)
+    assert main(["compress", "--ckpt", "m.pt", "-r", "2", "--target-macs", "0.3", "--prune-ranks"]) == 0
+    assert calls[-1]["prune_ranks"] is True
+
+
+def test_prune_with_a_macs_target_prunes_and_never_decomposes(tmp_path, capsys):
+    base = tmp_path / "base"
+    assert main(["train", "--arch", "resnet_20", "--dataset", "synthetic", "--epochs", "1",
+                 "--output", str(base), *QUICK]) == 0
+    assert main(["prune", "--ckpt", str(base / "best.pt"), "--target-macs", "0.5", "--epochs", "0",
+                 "--criterion", "l1", "--output", str(tmp_path / "p"), "--json", *QUICK]) == 0
+    capsys.readouterr()
+    model = norton.load(tmp_path / "p" / "compressed.pt")
+    assert [step["op"] for step in model.norton_plan] == ["prune"]

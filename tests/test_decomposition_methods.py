@@ -156,6 +156,42 @@ def test_rank_channels_are_protected_groups(method):
     assert inner and all(g.layers[0].rpartition(".")[0] in blocks_of(model) for g in inner)
 
 
+@pytest.mark.parametrize("method", ["tucker2", "cp-layer", "svd"])
+def test_prune_ranks_shrinks_every_rank_with_the_widths_and_round_trips(method, tmp_path):
+    model = decomposed(resnet20, method)
+    pruned = norton.prune(copy.deepcopy(model), X, ratio=0.5, criterion="l1", prune_ranks=True)
+    for name, block in blocks_of(pruned).items():
+        if isinstance(block, LowRankLinear):
+            continue
+        before, after = model.get_submodule(name).rank, block.rank
+        pairs = zip(before, after, strict=True) if isinstance(before, tuple) else [(before, after)]
+        assert all(a == max(1, int(b * 0.5)) for b, a in pairs), (name, before, after)
+    y = pruned(X)
+    torch.testing.assert_close(dense_equivalent(pruned)(X), y, rtol=1e-4, atol=1e-4 * y.abs().max().item())
+    assert pruned.norton_plan[-1]["prune_ranks"] is True
+    norton.save(pruned, tmp_path / "m.pt")
+    torch.testing.assert_close(norton.load(tmp_path / "m.pt").eval()(X), y, rtol=0, atol=0)
+
+
+def test_a_target_only_pruned_ranks_reach_is_met_with_prune_ranks_and_explained_without():
+    model = resnet20()
+    full = get_method("tucker2").full_rank
+    decompose(model, lambda name, layer: full(layer), method="tucker2", n_iter_max=2, progress=False)
+    original = count_complexity(resnet20(), example_inputs=X).macs
+    untouched = copy.deepcopy(model)
+    with pytest.raises(UserError, match=r"prune_ranks=True \(--prune-ranks\) prunes the decomposed blocks' ranks"):
+        norton.prune(model, X, target_macs=0.3, criterion="l1")
+    assert str(model) == str(untouched)  # a refused prune leaves the model as it was
+    pruned = norton.prune(model, X, target_macs=0.3, criterion="l1", prune_ranks=True)
+    assert count_complexity(pruned, example_inputs=X).macs == pytest.approx(0.3 * original, rel=0.02)
+
+
+@pytest.mark.parametrize("amount", [{"ratio": {"layer1.*": 0.5}}, {"compress_rate": "[0.5]*9"}])
+def test_prune_ranks_with_per_layer_amounts_is_refused(amount):
+    with pytest.raises(UserError, match="prune_ranks applies to a single ratio and to target_macs"):
+        norton.prune(decomposed(resnet20, "svd"), X, prune_ranks=True, **amount)
+
+
 def test_ratio_and_compress_rate_name_a_decomposed_block_by_its_own_name():
     model = decomposed(resnet20, "tucker2")
     pruned = norton.prune(copy.deepcopy(model), X, ratio={"layer1.0.conv1": 0.5}, criterion="l1")

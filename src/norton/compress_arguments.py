@@ -137,6 +137,7 @@ def check_compress_arguments(
     prune_finetune: FineTune | None,
     target_latency: float | str | None = None,
     calibration_distill_steps: int = 0,
+    prune_ranks: bool = False,
 ) -> dict[str, Any]:
     """Check every argument of :func:`compress` that needs no model; returns the pruning amount.
 
@@ -182,6 +183,10 @@ def check_compress_arguments(
         check_round_to(round_to)
         if compress_rate is not None:
             raise UserError("round_to applies to ratio and target_macs; compress_rate fixes every width itself")
+    if prune_ranks and (order == "auto" or ("ratio" not in amounts and "target_macs" not in amounts)
+                        or isinstance(ratio, Mapping)):
+        raise UserError("prune_ranks prunes the ranks of decomposed layers with a single ratio or target_macs on "
+                        "NORTON's path (give a rank); order 'auto' chooses ranks itself")
     if isinstance(rank, int):
         check_rank(rank)
     if rank is None and not amounts:

@@ -162,6 +162,7 @@ def compress(
     log: Callable[[str], None] = print,
     detector_parts: Sequence[str] | None = None,
     calibration_distill_steps: int = 0,
+    prune_ranks: bool = False,
 ) -> CompressionResult:
     """Compress a trained ``model`` with NORTON and fine-tune after each step.
 
@@ -202,6 +203,9 @@ def compress(
         calibration_distill_steps: with ``order="auto"``, train the compressed model this many steps to
             reproduce ``model``'s outputs on the calibration images before fine-tuning (auto_compress's
             ``distill_steps``; classifiers only). Default 0.
+        prune_ranks: on NORTON's path with a single ``ratio`` or ``target_macs``, let pruning cut the
+            ranks of layer-level decomposed blocks (``decompose_method`` ``tucker2``, ``cp-layer``,
+            ``svd``) with their widths (:func:`norton.prune`). Default off.
     """
     order = resolve_order(order, rank=rank, compress_rate=compress_rate, ratio=ratio, target_macs=target_macs,
                           target_latency=target_latency)
@@ -209,7 +213,7 @@ def compress(
     amounts = check_compress_arguments(
         rank=rank, compress_rate=compress_rate, ratio=ratio, target_macs=target_macs, criterion=criterion,
         round_to=round_to, order=order, decompose_finetune=decompose_finetune, prune_finetune=prune_finetune,
-        target_latency=target_latency, calibration_distill_steps=calibration_distill_steps,
+        target_latency=target_latency, calibration_distill_steps=calibration_distill_steps, prune_ranks=prune_ranks,
     )
     shape = check_input_size(input_size)
     input_size = shape[1:] if len(shape) == 4 else shape  # one sample: (C, H, W)
@@ -264,7 +268,8 @@ def compress(
                 log(f"prune: the model is already at {current / original:.1%} of the original's MACs; nothing to prune")
                 return m
             amount["target_macs"] = goal
-        return _prune(m, example, criterion=criterion, round_to=round_to, detector_parts=parts, **amount)
+        return _prune(m, example, criterion=criterion, round_to=round_to, detector_parts=parts,
+                      prune_ranks=prune_ranks, **amount)
 
     def auto_step(m: nn.Module) -> nn.Module:
         from norton.auto import auto_compress

@@ -108,6 +108,7 @@ def run_compression(
     title: str = "norton compress",
     log: Log | None = print,
     calibration_distill_steps: int = 0,
+    prune_ranks: bool = False,
 ) -> dict[str, Any]:
     """Compress the model in ``model_file`` (or a baseline of ``arch`` trained here) and write a report.
 
@@ -122,7 +123,8 @@ def run_compression(
         splits: ready-made data instead (``dataset`` ... ``train_limit`` are then unused).
         batch_size, workers: of the data loaders.
         rank, compress_rate, ratio, target_macs, criterion, round_to, order, decompose_method,
-        decompose_finetune, prune_finetune, calibration_distill_steps: as in :func:`norton.pipeline.compress`
+        decompose_finetune, prune_finetune, calibration_distill_steps, prune_ranks: as in
+            :func:`norton.pipeline.compress`
             (``target_macs`` is a fraction of the original model's MACs; a ``FineTune(distill=True)``
             stage distils from the model read from ``model_file``, or the baseline trained here).
         resume: continue a killed run in ``output_dir``.
@@ -155,7 +157,7 @@ def run_compression(
     amounts = check_compress_arguments(
         rank=rank, compress_rate=compress_rate, ratio=ratio, target_macs=target_macs, criterion=criterion,
         round_to=round_to, order=order, decompose_finetune=decompose_finetune, prune_finetune=prune_finetune,
-        target_latency=target_latency, calibration_distill_steps=calibration_distill_steps,
+        target_latency=target_latency, calibration_distill_steps=calibration_distill_steps, prune_ranks=prune_ranks,
     )
     output = Path(output_dir).expanduser()
     check_compress_output(output, resume=resume)
@@ -213,7 +215,7 @@ def run_compression(
         order=order, decompose_method=decompose_method, decompose_finetune=decompose_finetune,
         prune_finetune=prune_finetune, output_dir=output,
         resume=resume, device=device, seed=seed, progress=progress, log=say,
-        calibration_distill_steps=calibration_distill_steps, **amounts,
+        calibration_distill_steps=calibration_distill_steps, prune_ranks=prune_ranks, **amounts,
     )
     if measure_latency:
         say("measuring CPU latency (batch 1 and 32) of the baseline and the compressed model ...")
@@ -225,6 +227,7 @@ def run_compression(
         "command": title, "arch": name, "dataset": splits.name, "rank": rank, "compress_rate": compress_rate,
         "ratio": ratio, "target_macs": target_macs, "target_latency": target_latency, "criterion": criterion, "round_to": round_to, "order": order,
         "decompose_method": decompose_method, "calibration_distill_steps": calibration_distill_steps,
+        "prune_ranks": prune_ranks,
         "decompose_finetune": asdict(decompose_finetune or FineTune()),
         "prune_finetune": asdict(prune_finetune or FineTune()),
         "output": str(output), "model": str(final_path), "seconds": time.perf_counter() - started,

@@ -64,6 +64,7 @@ def add_compression_options(parser: argparse.ArgumentParser) -> None:
                      "or milliseconds such as 12ms (optimize_for_inference's form, on the CPU; docs/latency.md)")
     group.add_argument("--criterion", default=None, help=CRITERIA_HELP)
     add_round_to_option(group)
+    add_prune_ranks_option(group)
     group.add_argument("--order", default=None, choices=ORDERS,
                        help="decompose then prune (NORTON), the reverse, or auto: every layer's width and rank "
                        "chosen from data to meet --target-macs (default: auto when --target-macs is given "
@@ -90,6 +91,12 @@ def add_round_to_option(parser: argparse.ArgumentParser | argparse._ArgumentGrou
                         "e.g. 16: CPU kernels compute channels in blocks of 8 or 16")
 
 
+def add_prune_ranks_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    parser.add_argument("--prune-ranks", "--prune_ranks", dest="prune_ranks", action="store_true",
+                        help="also prune the ranks of Tucker-2, layer-CP and SVD blocks (with --ratio/--target-macs), "
+                        "so they shrink with their widths")
+
+
 def run(args: argparse.Namespace) -> int:
     if args.arch is None and args.ckpt is None:
         raise UserError("give --ckpt (a trained baseline) or --arch (trained here for --baseline-epochs)")
@@ -103,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
         val_size=args.val_size, download=args.download, batch_size=args.batch_size, workers=args.workers,
         rank=options.rank_option(args.rank), compress_rate=args.compress_rate, ratio=args.ratio,
         target_macs=args.target_macs, criterion=args.criterion, round_to=args.round_to, order=args.order,
+        prune_ranks=args.prune_ranks,
         baseline_epochs=args.baseline_epochs, baseline_lr=args.lr,
         decompose_finetune=FineTune(epochs=args.decompose_epochs, lr=args.finetune_lr, **distill),
         prune_finetune=FineTune(epochs=args.prune_epochs, lr=args.finetune_lr, **distill),

@@ -8,7 +8,14 @@ from __future__ import annotations
 import argparse
 
 from norton.cli import _options as options
-from norton.cli.compress import CRITERIA_HELP, add_round_to_option, default_output, print_summary, say
+from norton.cli.compress import (
+    CRITERIA_HELP,
+    add_prune_ranks_option,
+    add_round_to_option,
+    default_output,
+    print_summary,
+    say,
+)
 from norton.compress_arguments import FineTune
 from norton.workflow import run_compression
 
@@ -30,6 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="fraction of the original (uncompressed) model's MACs to keep, in (0, 1], e.g. 0.3")
     parser.add_argument("--criterion", default="pabs", help=CRITERIA_HELP)
     add_round_to_option(parser)
+    add_prune_ranks_option(parser)
     parser.add_argument("--epochs", type=int, default=1, help="fine-tuning epochs (default 1; 0 skips)")
     parser.add_argument("--lr", dest="finetune_lr", type=float, default=0.01, help="peak fine-tuning learning rate")
     options.add_distillation_options(parser, teacher_file=False)
@@ -46,7 +54,9 @@ def run(args: argparse.Namespace) -> int:
         model_file=args.ckpt, dataset=args.dataset, data_dir=args.data_dir, limit=args.limit,
         val_size=args.val_size, download=args.download, batch_size=args.batch_size, workers=args.workers,
         compress_rate=args.compress_rate, ratio=args.ratio, target_macs=args.target_macs,
-        criterion=args.criterion, round_to=args.round_to,
+        criterion=args.criterion, round_to=args.round_to, prune_ranks=args.prune_ranks,
+        # Pruning only: a MACs target without a rank would otherwise mean auto_compress (norton compress's default).
+        order="decompose-prune",
         prune_finetune=FineTune(epochs=args.epochs, lr=args.finetune_lr, **distill),
         output_dir=args.output or default_output(None, args.ckpt), resume=args.resume, device=args.device,
         seed=args.seed, progress=args.progress, title="norton prune", log=None if args.json else say,

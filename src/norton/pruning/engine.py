@@ -79,6 +79,7 @@ def prune(
     prune_linear: bool = False,
     calibration: Iterable[Any] | None = None,
     detector_parts: Sequence[str] | None = None,
+    prune_ranks: bool = False,
 ) -> nn.Module:
     """Remove filters of ``model`` in place and return it; ``model`` is unchanged if this raises.
 
@@ -125,6 +126,11 @@ def prune(
             unpruned layer's output, then BatchNorm statistics are re-estimated
             (:func:`norton.recovery.refit_pruned_consumers`, :func:`norton.recovery.recalibrate_batchnorm`).
             It is read and checked before anything else; the record notes how many images it had.
+        prune_ranks: also prune the rank channels inside layer-level decomposed blocks (Tucker-2,
+            layer CP, SVD), with a scalar ``ratio`` or ``target_macs`` only: the ratio then
+            applies to every block's ranks too, so a block pruned after ``decompose`` does not keep
+            a core sized for its unpruned widths. Off by default: ranks are the decomposition's
+            decision (:mod:`norton.pruning.groups`).
 
     The record :func:`plan_prune` returns is applied with :func:`replay_prune`,
     which appends it to ``model.norton_plan``. Asking for a removal that removes
@@ -139,6 +145,7 @@ def prune(
         model, example_inputs, ratio=ratio, compress_rate=compress_rate, target_macs=target_macs,
         criterion=criterion, ignored_layers=ignored_layers, round_to=round_to,
         iterative_steps=iterative_steps, prune_linear=prune_linear, detector_parts=detector_parts,
+        prune_ranks=prune_ranks,
     )
     if inputs is None:
         return replay_prune(model, record)
@@ -173,6 +180,7 @@ def plan_prune(
     iterative_steps: int = 1,
     prune_linear: bool = False,
     detector_parts: Sequence[str] | None = None,
+    prune_ranks: bool = False,
 ) -> dict[str, Any]:
     """The ``{"op": "prune", ...}`` record :func:`prune` would apply, without changing ``model``.
 
@@ -182,8 +190,12 @@ def plan_prune(
     amount = _check_amount(ratio, compress_rate, target_macs)
     check_int(iterative_steps, "iterative_steps", maximum=MAX_STEPS)
     check_round_to(round_to, compress_rate)
+    if prune_ranks and (compress_rate is not None or isinstance(ratio, Mapping)):
+        raise UserError("prune_ranks applies to a single ratio and to target_macs: a ratio mapping and compress_rate "
+                        "name the model's layers, and rank channels are no layer of the model")
     score = _resolve_criterion(criterion)
-    work, graph, groups = traced(model, example_inputs, ignored_layers, prune_linear, detector_parts=detector_parts)
+    work, graph, groups = traced(model, example_inputs, ignored_layers, prune_linear, detector_parts=detector_parts,
+                                 prune_ranks=prune_ranks)
     if not groups:
         raise UserError(NO_PRUNABLE_LAYERS)
     probes = check_single_path(work, example_inputs)  # before any scoring: a data-dependent forward fails fast
@@ -216,6 +228,8 @@ def plan_prune(
     info: dict[str, Any] = {"criterion": label, "amount": {k: _plain(v) for k, v in amount.items()}}
     if iterative_steps > 1:
         info["iterative_steps"] = iterative_steps
+    if prune_ranks:
+        info["prune_ranks"] = True
     record = log.record(**info)
     order = {name: i for i, name in enumerate(modules)}
     for key in ("removed", "removed_inputs"):  # model order reads better than discovery order

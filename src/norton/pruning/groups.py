@@ -12,8 +12,9 @@ output channels (its last child's) and input channels (its first child's) are pr
 any layer's; the *rank* channels between its children are protected: the rank is the
 decomposition's decision (``decompose(rank=...)``), as a CPDBlock's is, so ``ratio`` and
 ``compress_rate`` keep meaning "this fraction of each layer's filters" and their lists stay
-aligned with the zoo's layers. (Pruning a rank channel would be legal, it removes one
-rank-one term; to lower ranks, decompose again at a lower rank.)
+aligned with the zoo's layers. ``prune(prune_ranks=True)`` (a scalar ratio or ``target_macs``)
+prunes them like any other group: removing a rank channel removes one term of the block's sum,
+so its ranks shrink with its widths instead of keeping a core sized for the unpruned layer.
 
 Tracing follows the path the example input takes through ``forward``. A model
 whose forward branches on the data (``if x.sum() > 0``) would be pruned along that
@@ -37,6 +38,9 @@ from norton.decomposition.low_rank_layers import LowRankLinear
 from norton.errors import UserError
 from norton.example_inputs import ExampleInputs, call_model
 from norton.pruning.surgery import IN, OUT, customized_pruners
+
+# How a group of rank channels says why it is protected (budget errors look for it).
+RANK_CHANNELS = "rank channels of"
 
 
 @dataclass(frozen=True)
@@ -84,11 +88,12 @@ def coupled_groups(
 
 def traced(
     model: nn.Module, example_inputs: ExampleInputs, ignored_layers: Iterable[str | nn.Module], prune_linear: bool,
-    *, detector_parts: Sequence[str] | None = None,
+    *, detector_parts: Sequence[str] | None = None, prune_ranks: bool = False,
 ) -> tuple[nn.Module, tp.DependencyGraph, list[Group]]:
     """A working copy of ``model``, its dependency graph and its coupled groups.
 
     A detector keeps the widths outside ``detector_parts`` (its body by default; :mod:`norton.detection.parts`).
+    ``prune_ranks``: the rank channels of layer-level decomposed blocks are prunable groups too.
     """
     from norton.detection.parts import detector_scope
 
@@ -97,7 +102,7 @@ def traced(
     work = _working_copy(model)
     graph = _build_graph(work, example_inputs)
     ignored = {m for name in ignored_names for m in work.get_submodule(name).modules()}
-    return work, graph, _discover_groups(graph, work, ignored, prune_linear=prune_linear)
+    return work, graph, _discover_groups(graph, work, ignored, prune_linear=prune_linear, prune_ranks=prune_ranks)
 
 
 # -------------------------------------------------------------------- tracing
@@ -160,12 +165,13 @@ def side_of(graph: tp.DependencyGraph, dep: Any) -> str:
 
 
 def _discover_groups(
-    graph: tp.DependencyGraph, work: nn.Module, ignored: set[nn.Module], *, prune_linear: bool
+    graph: tp.DependencyGraph, work: nn.Module, ignored: set[nn.Module], *, prune_linear: bool,
+    prune_ranks: bool = False,
 ) -> list[Group]:
     """Every coupled group with at least one filter layer, in model order, with why it is protected."""
     names = {module: name for name, module in work.named_modules()}
     order = {name: i for i, name in enumerate(names.values())}
-    rank_layers = rank_channel_layers(work)
+    rank_layers = {} if prune_ranks else rank_channel_layers(work)
     root_types = (CPDBlock, nn.Conv2d, nn.Linear) if prune_linear else (CPDBlock, nn.Conv2d)
     groups = []
     for group in graph.get_all_groups(root_module_types=root_types):
@@ -190,7 +196,7 @@ def _discover_groups(
             if side == OUT and module in ignored:
                 protected = protected or f"ignored: {name}"
             if side == OUT and name in rank_layers:
-                protected = protected or f"rank channels of {rank_layers[name]} (set by its decomposition)"
+                protected = protected or f"{RANK_CHANNELS} {rank_layers[name]} (set by its decomposition)"
             if side == OUT and filter_layer(module, prune_linear):
                 layers.append(name)
             effects.append((name, side, len(idxs) / channels))
