@@ -82,6 +82,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--results", default=str(RESULTS),
                         help=f"the JSONL file of results, appended to (default {RESULTS}, committed)")
     parser.add_argument("--out", default="runs/pareto", help="the cached baseline (not committed)")
+    parser.add_argument("--merge", default=None, metavar="FILE",
+                        help="first append FILE's rows whose keys --results lacks (a run on another machine)")
     parser.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (default Debian's)")
     parser.add_argument("--docs", default="docs/pareto.md", help="the document whose marked section is rewritten")
     parser.add_argument("--images", default="docs/images", help="folder of the plots")
@@ -272,6 +274,26 @@ def run_grid(args: argparse.Namespace, results: Path) -> None:
         done.add(report.record_key(key))
 
 
+def merge_results(source: Path, results: Path) -> int:
+    """Append the rows of ``source`` whose key ``results`` lacks (baselines: whose fingerprint it lacks);
+    returns how many. A run on another machine (a lent GPU) comes home this way."""
+    if not source.is_file():
+        raise UserError(f"--merge: {source} not found: give the results.jsonl the other run wrote")
+
+    def identity(record: dict[str, Any]) -> tuple[Any, ...]:
+        mark = record.get("details", {}).get("fingerprint") if record["method"] == "baseline" else None
+        return (*report.record_key(record), mark)
+
+    have = {identity(r) for r in report.read_results(results)}
+    added = 0
+    for record in report.read_results(source):
+        if identity(record) not in have:
+            report.append_result(record, results)
+            have.add(identity(record))
+            added += 1
+    return added
+
+
 def render(args: argparse.Namespace, results: Path) -> None:
     records = report.read_results(results)
     if not any(r["model"] == args.model for r in records):
@@ -306,6 +328,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     torch.set_num_threads(args.threads)
     results = Path(args.results)
+    if args.merge:
+        try:
+            added = merge_results(Path(args.merge), results)
+        except UserError as error:
+            print(f"bench_pareto: error: {error}", file=sys.stderr)
+            return 2
+        print(f"merged {added} new row(s) of {args.merge} into {results}")
     if not args.report_only:
         try:
             run_grid(args, results)

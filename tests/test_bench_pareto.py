@@ -14,6 +14,7 @@ import _pareto_methods as methods  # noqa: E402
 import _pareto_report as report  # noqa: E402
 import bench_pareto  # noqa: E402
 import norton  # noqa: E402
+from norton.errors import UserError  # noqa: E402
 
 
 def _resnet20():
@@ -126,6 +127,23 @@ def test_a_second_run_skips_the_keys_the_first_wrote(tmp_path, monkeypatch):
     assert len(calls) == 3
     records = report.read_results(tmp_path / "results.jsonl")
     assert [r["method"] for r in records] == ["baseline", "paper", "paper"]  # the baseline record written once
+
+
+def test_merge_brings_another_machines_rows_home_once(tmp_path):
+    here, there = tmp_path / "here.jsonl", tmp_path / "there.jsonl"
+    base = {**_key("baseline", 1.0), "details": {"fingerprint": "aaa"}}
+    for record in (base, _record("auto", 0.5, 0, 92.0)):
+        report.append_result(record, here)
+    for record in ({**base, "details": {"fingerprint": "bbb"}}, _record("auto", 0.5, 0, 93.0),
+                   _record("auto", 0.5, 1, 93.5)):
+        report.append_result(record, there)
+    assert bench_pareto.merge_results(there, here) == 2  # the other baseline and seed 1; seed 0 was measured here
+    assert bench_pareto.merge_results(there, here) == 0
+    records = report.read_results(here)
+    assert [(r["method"], r["seed"], r["details"]["fingerprint"] if r["method"] == "baseline" else r["top1_finetuned"])
+            for r in records[2:]] == [("baseline", 0, "bbb"), ("auto", 1, 93.5)]
+    with pytest.raises(UserError, match="--merge: .* not found"):
+        bench_pareto.merge_results(tmp_path / "missing.jsonl", here)
 
 
 def test_dense_runs_at_1_first_and_latency_budgets_after_the_macs_ones(tmp_path, monkeypatch):
