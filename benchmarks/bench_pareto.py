@@ -238,13 +238,13 @@ def run_grid(args: argparse.Namespace, results: Path) -> None:
     base_key = {"model": args.model, "method": "baseline", "budget": 1.0, "seed": metadata["seed"],
                 "epochs": metadata["epochs"], "distill": False}
     measured = [r for r in records if report.record_key(r) == report.record_key(base_key)]
-    base = measured[-1] if measured else None
     mark = data_lib.fingerprint(baseline)
-    if base is not None and base["details"].get("fingerprint") != mark:
+    base = next((r for r in measured if r["details"].get("fingerprint") == mark), None)
+    if base is None and measured:
         # Another machine (or torch) trained a different baseline: its rows stay, new rows say which they used.
+        others = ", ".join(r["details"].get("fingerprint") or "not recorded" for r in measured)
         print(f"warning: this baseline (fingerprint {mark}) is not the one the rows in {results} were measured "
-              f"with ({base['details'].get('fingerprint') or 'not recorded'}); new rows record {mark}", flush=True)
-        base = None
+              f"with ({others}); new rows record {mark}", flush=True)
     if base is None:
         base = baseline_record(args, env, data, baseline, metadata)
         base["details"]["fingerprint"] = mark
@@ -328,19 +328,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     torch.set_num_threads(args.threads)
     results = Path(args.results)
-    if args.merge:
-        try:
+    try:
+        if args.merge:
             added = merge_results(Path(args.merge), results)
-        except UserError as error:
-            print(f"bench_pareto: error: {error}", file=sys.stderr)
-            return 2
-        print(f"merged {added} new row(s) of {args.merge} into {results}")
-    if not args.report_only:
-        try:
+            print(f"merged {added} new row(s) of {args.merge} into {results}")
+        if not args.report_only:
             run_grid(args, results)
-        except UserError as error:
-            print(f"bench_pareto: error: {error}", file=sys.stderr)
-            return 2
+    except UserError as error:
+        print(f"bench_pareto: error: {error}", file=sys.stderr)
+        return 2
     render(args, results)
     return 0
 

@@ -1,6 +1,7 @@
 """The pieces of ``benchmarks/bench_pareto.py`` on tiny data: budgets met, resume, tables, the missing auto method."""
 from __future__ import annotations
 
+import copy
 import json
 import sys
 from pathlib import Path
@@ -127,6 +128,51 @@ def test_a_second_run_skips_the_keys_the_first_wrote(tmp_path, monkeypatch):
     assert len(calls) == 3
     records = report.read_results(tmp_path / "results.jsonl")
     assert [r["method"] for r in records] == ["baseline", "paper", "paper"]  # the baseline record written once
+
+
+def test_results_are_committed_by_default_and_quick_runs_stay_apart(tmp_path):
+    assert bench_pareto.parse_args([]).results == "benchmarks/results/pareto.jsonl"
+    assert "benchmarks/results" not in (Path(__file__).resolve().parents[1] / ".gitignore").read_text()
+    quick = bench_pareto.parse_args(["--quick", "--out", str(tmp_path)])
+    assert Path(quick.results) == tmp_path / "quick" / "results.jsonl"
+
+
+def test_fingerprint_sees_one_changed_weight():
+    model = _resnet20()
+    mark = bench_pareto.data_lib.fingerprint(model)
+    assert mark == bench_pareto.data_lib.fingerprint(_resnet20()) and len(mark) == 12
+    with torch.no_grad():
+        model.fc.bias[3] += 1e-3
+    assert bench_pareto.data_lib.fingerprint(model) != mark
+
+
+def test_a_retrained_baseline_is_recorded_beside_the_first_and_found_again(tmp_path, monkeypatch, capsys):
+    model = _fake_data_and_baseline(monkeypatch)
+    monkeypatch.setattr(bench_pareto, "measure", lambda *a, **k: {
+        "macs": 1000, "macs_fraction": 1.0, "params": 5, "latency_ms_b1": 1.0, "latency_ms_b64": 9.0})
+    used = []
+    monkeypatch.setattr(bench_pareto, "run_one", lambda args, env, data, baseline, base, key:
+                        used.append(base["details"]["fingerprint"]) or {**key, "top1_finetuned": 80.0})
+    results = tmp_path / "results.jsonl"
+    first = copy.deepcopy(model.state_dict())
+
+    def run(seed):
+        argv = ["--out", str(tmp_path), "--budgets", "0.5", "--methods", "paper", "--seeds", seed, "--device", "cpu"]
+        bench_pareto.run_grid(bench_pareto.parse_args(argv), results)
+
+    run("0")
+    with torch.no_grad():  # the next clone trains a baseline that differs in one weight
+        model[0].bias[0] += 1.0
+    run("1")
+    records = report.read_results(results)
+    marks = [r["details"]["fingerprint"] for r in records if r["method"] == "baseline"]
+    assert len(marks) == 2 and marks[0] != marks[1] and used == marks  # each row used its own clone's baseline
+    assert "warning: this baseline" in capsys.readouterr().out
+    assert f"fingerprints {marks[0]}, {marks[1]}" in report.baseline_line(records, "resnet_20")
+    model.load_state_dict(first)  # back on the first clone's weights: its record is found, not written again
+    run("2")
+    assert [r["method"] for r in report.read_results(results)].count("baseline") == 2
+    assert used[-1] == marks[0] and "warning" not in capsys.readouterr().out
 
 
 def test_merge_brings_another_machines_rows_home_once(tmp_path):
