@@ -424,6 +424,12 @@ def test_bad_arguments_raise_one_line_and_leave_the_model_unchanged(kwargs, mess
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_an_unreachable_target_suggests_prune_ranks_only_where_there_are_ranks():
+    with pytest.raises(UserError, match="cannot be met") as error:
+        prune(TinyResNet().eval(), x8(), target_macs=0.001, criterion=l1_order)
+    assert "prune_ranks" not in str(error.value)  # no decomposed block: the hint would mislead
+
+
 def test_untraceable_model_raises_one_line():
     model = TinyResNet()
     with pytest.raises(UserError, match="cannot trace") as error:

@@ -21,7 +21,7 @@ from norton.complexity import count_complexity, original_complexity
 from norton.decomposition.cpd_block import CPDBlock
 from norton.errors import UserError
 from norton.example_inputs import ExampleInputs
-from norton.pruning.groups import RANK_CHANNELS, Group, block_output_layers, rank_channel_layers
+from norton.pruning.groups import Group, block_output_layers, rank_channel_layers
 from norton.pruning.surgery import IN, OUT
 
 MACS_TOLERANCE = 0.02  # target_macs is met within this relative error
@@ -275,7 +275,7 @@ def keep_from_target_macs(
 
     smallest = float(macs(keeps(1.0)))
     if smallest > goal * (1 + MACS_TOLERANCE):
-        ranks = any(g.protected and g.protected.startswith(RANK_CHANNELS) for g in groups)
+        ranks = any(g.rank_channels for g in groups)
         raise UserError(
             f"target_macs={target} cannot be met: pruning every prunable layer to {round_to or 1} channel(s) "
             f"still leaves {smallest / original:.1%} of the original's MACs (protected and input/output layers "

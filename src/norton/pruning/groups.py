@@ -39,9 +39,6 @@ from norton.errors import UserError
 from norton.example_inputs import ExampleInputs, call_model
 from norton.pruning.surgery import IN, OUT, customized_pruners
 
-# How a group of rank channels says why it is protected (budget errors look for it).
-RANK_CHANNELS = "rank channels of"
-
 
 @dataclass(frozen=True)
 class CoupledGroup:
@@ -71,6 +68,7 @@ class Group:
     # (layer name, side, channels that side loses per channel the group removes)
     effects: list[tuple[str, str, float]] = field(default_factory=list)
     keep: int | None = None  # the final number of channels, once decided
+    rank_channels: bool = False  # the rank channels of a decomposed block (prune_ranks=True frees them)
 
 
 def coupled_groups(
@@ -175,7 +173,7 @@ def _discover_groups(
     root_types = (CPDBlock, nn.Conv2d, nn.Linear) if prune_linear else (CPDBlock, nn.Conv2d)
     groups = []
     for group in graph.get_all_groups(root_module_types=root_types):
-        layers, protected, effects = [], None, []
+        layers, protected, effects, ranks = [], None, [], False
         channels = len(group[0].idxs)
         for item in group:
             dep, idxs = item.dep, item.idxs
@@ -196,14 +194,15 @@ def _discover_groups(
             if side == OUT and module in ignored:
                 protected = protected or f"ignored: {name}"
             if side == OUT and name in rank_layers:
-                protected = protected or f"{RANK_CHANNELS} {rank_layers[name]} (set by its decomposition)"
+                protected = protected or f"rank channels of {rank_layers[name]} (set by its decomposition)"
+                ranks = True
             if side == OUT and filter_layer(module, prune_linear):
                 layers.append(name)
             effects.append((name, side, len(idxs) / channels))
         if not layers:
             continue
         layers.sort(key=order.__getitem__)
-        groups.append(Group(group[0].dep.target.module, layers, channels, protected, effects))
+        groups.append(Group(group[0].dep.target.module, layers, channels, protected, effects, rank_channels=ranks))
     groups.sort(key=lambda g: order[g.layers[0]])
     return groups
 
