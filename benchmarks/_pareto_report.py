@@ -194,6 +194,16 @@ def _mean_of(group: Sequence[Mapping[str, Any]], field: str) -> float | None:
     return statistics.fmean(values) if values else None
 
 
+def best_peer(groups: Mapping[tuple[float, str, int, bool], Sequence[Mapping[str, Any]]], budget: float, epochs: int,
+              distill: bool) -> tuple[str, Sequence[Mapping[str, Any]], float] | None:
+    """The ``tp-*`` setting with the highest mean top-1 after fine-tuning at ``budget`` under the same
+    recipe, of :func:`grouped`'s ``groups``: ``(method, its records, mean)``, or ``None`` when none ran."""
+    budget = round(budget, 6)  # as record_key rounds
+    peers = [(key[1], group, mean) for key, group in groups.items() if key[1].startswith(PEER_PREFIX)
+             and key[0] == budget and key[2:] == (epochs, distill) and (mean := _mean_of(group, "top1_finetuned")) is not None]
+    return max(peers, key=lambda p: p[2]) if peers else None
+
+
 def render_goals(records: Sequence[Mapping[str, Any]], model: str) -> str:
     """``auto`` against the best ``tp-*`` setting at each MACs budget of :data:`GOALS`, one row per
     (budget, fine-tuning epochs, distillation) where both were run; the best setting is the one with
@@ -205,11 +215,10 @@ def render_goals(records: Sequence[Mapping[str, Any]], model: str) -> str:
         ours = _mean_of(group, "top1_finetuned")
         if method != "auto" or goal is None or ours is None:
             continue
-        peers = [(key[1], g, m) for key, g in groups.items() if key[1].startswith(PEER_PREFIX) and key[0] == budget
-                 and key[2:] == (epochs, distill) and (m := _mean_of(g, "top1_finetuned")) is not None]
-        if not peers:
+        found = best_peer(groups, budget, epochs, distill)
+        if found is None:
             continue
-        name, peer, best = max(peers, key=lambda p: p[2])
+        name, peer, best = found
         lead = round(ours - best, 2)  # judged as shown, so +0.30 against a goal of +0.3 is met
         verdict = "met" if lead >= goal else f"missed by {goal - lead:.2f}"
         rows.append("| " + " | ".join([

@@ -23,6 +23,7 @@ clone trains it again, seeded, and every row records the fingerprint of the base
 from). The tables (mean ± std over seeds) and the two plots go to ``docs/pareto.md`` and
 ``docs/images/pareto_*.png``.
 
+    .venv/bin/python benchmarks/bench_pareto.py                    # issue 11's protocol (FINALISTS), resumable
     .venv/bin/python benchmarks/bench_pareto.py --budgets 0.5,0.3 --methods paper,tp-l1-uniform --seeds 0
     .venv/bin/python benchmarks/bench_pareto.py --methods auto,paper,tp-l1-global --epochs 5 --seeds 0,1,2
     .venv/bin/python benchmarks/bench_pareto.py --methods auto-latency --latency-budgets 0.8,0.6 --seeds 0
@@ -36,6 +37,7 @@ import copy
 import os
 import sys
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -57,6 +59,12 @@ from norton.training.distributed import resolve_device
 # The default grid: every MACs method but the auto variants that only show why auto's default is what it is.
 MACS_METHODS = [m for m in METHODS if m not in report.LATENCY_METHODS and m not in VARIANTS]
 DEFAULTS = {"budgets": "0.5,0.3,0.2,0.1", "methods": ",".join(MACS_METHODS), "seeds": "0,1,2"}
+# Issue 11's protocol, what a run without --methods, --seeds and --epochs does: every MACs method once
+# (seed 0, 1 epoch); then at each budget the finalists, auto, the paper's path and the best Torch-Pruning
+# setting of that first stage, with three seeds at 1 epoch; then the finalists again with 5 epochs.
+FINALISTS = ("auto", "paper")
+FINALIST_SEEDS = (0, 1, 2)
+FINALIST_EPOCHS = 5
 # --quick: 512 training and 512 test images, one budget, two methods, one epoch (4 steps) everywhere.
 # Committed, so that the grid is filled across sessions and clones (the baseline is not: weights stay out of git).
 RESULTS = Path("benchmarks/results/pareto.jsonl")
@@ -73,7 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--latency-budgets", default="",
                         help="fractions of the baseline's batch-64 CPU latency for auto-latency (e.g. 0.8,0.6)")
     parser.add_argument("--seeds", help=f"default {DEFAULTS['seeds']}")
-    parser.add_argument("--epochs", type=int, default=1, help="fine-tuning epochs (default 1; 5 for the finalists)")
+    parser.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (default 1)")
     parser.add_argument("--baseline-epochs", type=int, default=None, help="default: 8 (about 92%% top-1)")
     parser.add_argument("--calibration-images", type=int, default=512, help="training images for auto and Taylor")
     parser.add_argument("--distill", action="store_true", help="fine-tune with the baseline as teacher")
@@ -93,6 +101,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: 512 train/test images, budget 0.5, two methods, all into --out/quick")
     args = parser.parse_args(argv)
+    # Nothing of the grid chosen: the whole protocol (FINALISTS); --budgets still narrows it.
+    args.protocol = not args.quick and all(getattr(args, n) is None for n in ("methods", "seeds", "epochs"))
+    if args.protocol:
+        args.seeds = "0"
+    if args.epochs is None:
+        args.epochs = 1
     if args.quick:
         args.out = str(Path(args.out) / "quick")
         args.results = str(Path(args.out) / "results.jsonl")
@@ -249,29 +263,57 @@ def run_grid(args: argparse.Namespace, results: Path) -> None:
         base = baseline_record(args, env, data, baseline, metadata)
         base["details"]["fingerprint"] = mark
         report.append_result(base, results)
-    # The fixed-budget control first (dense at 1), MACs budgets for the MACs methods,
-    # --latency-budgets for the latency ones (auto-latency, also when --methods does not name it).
+    # Each stage's keys are decided when it starts: the protocol's finalists depend on the first stage's rows.
+    stages = [lambda: grid_keys(args, methods, args.seeds, args.epochs, args.latency_budgets)]
+    if args.protocol:
+        stages += [lambda: finalist_keys(args, report.read_results(results), 1),
+                   lambda: finalist_keys(args, report.read_results(results), FINALIST_EPOCHS)]
+    for stage in stages:
+        todo = stage()
+        for index, key in enumerate(todo, 1):
+            unit = "latency" if key["method"] in report.LATENCY_METHODS else "MACs"
+            label = f"[{index}/{len(todo)}] {key['method']} at {key['budget']:g} of the {unit}, seed {key['seed']}, " \
+                    f"{key['epochs']} epoch(s)"
+            if report.record_key(key) in done:
+                print(f"{label}: done before, skipped", flush=True)
+                continue
+            print(label, flush=True)
+            try:
+                record = run_one(args, env, data, baseline, base, key)
+            except UserError as error:  # e.g. a budget a method cannot reach: the others go on
+                print(f"  {key['method']} failed: {error}", flush=True)
+                continue
+            report.append_result(record, results)
+            done.add(report.record_key(key))
+
+
+def _key(args: argparse.Namespace, method: str, budget: float, seed: int, epochs: int) -> dict[str, Any]:
+    return {"model": args.model, "method": method, "budget": budget, "seed": seed, "epochs": epochs,
+            "distill": bool(args.distill)}
+
+
+def grid_keys(args: argparse.Namespace, methods: Sequence[str], seeds: Sequence[int], epochs: int,
+              latency_budgets: Sequence[float]) -> list[dict[str, Any]]:
+    """The keys of ``methods`` at every budget and seed: the fixed-budget control first (dense at 1),
+    MACs budgets for the MACs methods, ``latency_budgets`` for the latency ones (auto-latency, also
+    when ``methods`` does not name it)."""
     pieces = [(report.FIXED_BUDGETS[method], method) for method in methods if method in report.FIXED_BUDGETS]
     pieces += [(budget, method) for budget in args.budgets for method in methods
                if method not in report.LATENCY_METHODS and method not in report.FIXED_BUDGETS]
-    pieces += [(budget, method) for budget in args.latency_budgets for method in sorted(report.LATENCY_METHODS)]
-    todo = [{"model": args.model, "method": method, "budget": budget, "seed": seed, "epochs": args.epochs,
-             "distill": bool(args.distill)} for budget, method in pieces for seed in args.seeds]
-    for index, key in enumerate(todo, 1):
-        unit = "latency" if key["method"] in report.LATENCY_METHODS else "MACs"
-        label = f"[{index}/{len(todo)}] {key['method']} at {key['budget']:g} of the {unit}, seed {key['seed']}, " \
-                f"{key['epochs']} epoch(s)"
-        if report.record_key(key) in done:
-            print(f"{label}: done before, skipped", flush=True)
-            continue
-        print(label, flush=True)
-        try:
-            record = run_one(args, env, data, baseline, base, key)
-        except UserError as error:  # e.g. a budget a method cannot reach: the others go on
-            print(f"  {key['method']} failed: {error}", flush=True)
-            continue
-        report.append_result(record, results)
-        done.add(report.record_key(key))
+    pieces += [(budget, method) for budget in latency_budgets for method in sorted(report.LATENCY_METHODS)]
+    return [_key(args, method, budget, seed, epochs) for budget, method in pieces for seed in seeds]
+
+
+def finalist_keys(args: argparse.Namespace, records: Sequence[dict[str, Any]], epochs: int) -> list[dict[str, Any]]:
+    """The protocol's later stages: at each budget, FINALISTS and the best Torch-Pruning setting after one
+    fine-tuning epoch in ``records`` (under the same distillation setting), each with FINALIST_SEEDS."""
+    groups = report.grouped(records, args.model)
+    todo = []
+    for budget in args.budgets:
+        best = report.best_peer(groups, budget, 1, bool(args.distill))
+        finalists = [*FINALISTS, *([best[0]] if best else [])]
+        todo += [_key(args, method, budget, seed, epochs) for method in finalists for seed in FINALIST_SEEDS]
+    return todo
 
 
 def merge_results(source: Path, results: Path) -> int:

@@ -206,6 +206,41 @@ def test_dense_runs_at_1_first_and_latency_budgets_after_the_macs_ones(tmp_path,
     assert "auto-latency" not in bench_pareto.parse_args([]).methods  # MACs budgets never go to it by default
 
 
+def test_no_grid_options_run_the_issues_protocol_and_any_grid_option_runs_that_piece_only():
+    args = bench_pareto.parse_args([])
+    assert args.protocol and (args.seeds, args.epochs) == ([0], 1)
+    assert bench_pareto.parse_args(["--budgets", "0.2"]).protocol  # --budgets narrows the protocol
+    for piece in (["--seeds", "0"], ["--methods", "auto"], ["--epochs", "1"], ["--quick"]):
+        assert not bench_pareto.parse_args(piece).protocol, piece
+    assert bench_pareto.parse_args(["--methods", "auto"]).seeds == [0, 1, 2]
+
+
+def test_protocol_runs_every_method_once_then_the_finalists_with_three_seeds_then_with_5_epochs(tmp_path, monkeypatch):
+    _fake_data_and_baseline(monkeypatch)
+    monkeypatch.setattr(bench_pareto, "measure", lambda *a, **k: {"macs": 1000})
+    # the best Torch-Pruning setting differs by budget, so the finalists do too
+    best = {0.5: "tp-l1-uniform", 0.2: "tp-lamp-global"}
+    calls = []
+
+    def fake_run_one(args, env, data, baseline, base, key):
+        calls.append((key["method"], key["budget"], key["seed"], key["epochs"]))
+        return {**key, "top1_finetuned": 90.0 if best.get(key["budget"]) == key["method"] else 80.0}
+
+    monkeypatch.setattr(bench_pareto, "run_one", fake_run_one)
+    argv = ["--out", str(tmp_path), "--budgets", "0.5,0.2", "--device", "cpu", "--results", str(tmp_path / "r.jsonl")]
+    args = bench_pareto.parse_args(argv)
+    bench_pareto.run_grid(args, tmp_path / "r.jsonl")
+    first = [c for c in calls if c[2] == 0 and c[3] == 1]
+    assert {(m, b) for m, b, _, _ in first} == {("dense", 1.0)} | {(m, b) for m in bench_pareto.MACS_METHODS
+                                                                   if m != "dense" for b in (0.5, 0.2)}
+    later = calls[len(first):]
+    expected = [(m, b, s, e) for e in (1, 5) for b in (0.5, 0.2) for m in ("auto", "paper", best[b]) for s in (0, 1, 2)
+                if (s, e) != (0, 1)]  # seed 0 at 1 epoch ran in the first stage
+    assert later == expected
+    bench_pareto.run_grid(args, tmp_path / "r.jsonl")  # everything done: a second run trains nothing
+    assert len(calls) == len(first) + len(expected)
+
+
 def test_auto_latency_times_at_batch_64_and_records_the_report(monkeypatch):
     seen = {}
 
