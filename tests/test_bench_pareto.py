@@ -358,12 +358,14 @@ def test_goals_table_compares_auto_with_the_best_peer_under_the_same_recipe():
                _record("auto", 0.1, 0, 90.0), _record("tp-l1-global", 0.1, 0, 88.0),
                _record("auto", 0.4, 0, 95.0), _record("tp-l1-global", 0.4, 0, 80.0),  # no goal at 0.4
                _record("paper", 0.3, 0, 99.0),  # no auto and no peer at 0.3
-               {**_record("auto", 0.5, 0, 92.9), "distill": True}, {**_record("tp-l1-global", 0.5, 0, 92.8), "distill": True}]
+               {**_record("auto", 0.5, 0, 92.9), "distill": True}, {**_record("tp-l1-global", 0.5, 0, 92.8), "distill": True},
+               _record("dense", 1.0, 0, 93.2), _record("dense", 1.0, 1, 93.0)]  # the control: 1 epoch, no distillation
     rows = [line for line in report.render_goals(records, "resnet_20").splitlines() if line.startswith("| 0")]
     assert rows == [
-        "| 0.5 | 1 | no | 92.50 ± 0.14 (n=2) | 92.20 ± 0.14 (`tp-l1-uniform`, n=2) | +0.30 | +0.3: met | 92.60 ± 0.14 |",
-        "| 0.1 | 1 | no | 90.00 (n=1) | 88.00 (`tp-l1-global`, n=1) | +2.00 | +3: missed by 1.00 | 10.00 |",
-        "| 0.5 | 1 | yes | 92.90 (n=1) | 92.80 (`tp-l1-global`, n=1) | +0.10 | +0.3: missed by 0.20 | 10.00 |",
+        "| 0.5 | 1 | no | 92.50 ± 0.14 (n=2) | 92.20 ± 0.14 (`tp-l1-uniform`, n=2) | +0.30 | +0.3: met | 92.60 ± 0.14 "
+        "| 93.10 ± 0.14 (n=2) |",
+        "| 0.1 | 1 | no | 90.00 (n=1) | 88.00 (`tp-l1-global`, n=1) | +2.00 | +3: missed by 1.00 | 10.00 | 93.10 ± 0.14 (n=2) |",
+        "| 0.5 | 1 | yes | 92.90 (n=1) | 92.80 (`tp-l1-global`, n=1) | +0.10 | +0.3: missed by 0.20 | 10.00 | — |",
     ]
     assert report.render_goals([_record("tp-l1-global", 0.5, 0, 92.0)], "resnet_20") == ""
 
