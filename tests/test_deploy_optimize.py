@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+from norton import count_complexity, prune
 from norton.decomposition.cpd_block import CPDBlock
 from norton.deploy.forms import INFERENCE_FORMS, TRAINING_FORMS, form_of
 from norton.deploy.optimize import optimize_for_inference, optimize_for_training, replay_optimize
@@ -48,6 +49,21 @@ def test_optimize_for_training_switches_forms_in_place_without_changing_results(
         assert _relative(model(x), expected) < 1e-4
     forced = optimize_for_training(model, x, forms=("grouped",))
     assert set(forced.values()) == {"grouped"} and model[3].training_form == "grouped"
+
+
+@pytest.mark.parametrize("form", [f for f in TRAINING_FORMS if f != "cpd"])
+def test_a_model_in_training_forms_is_counted_and_pruned_as_written(form):
+    model, x = _small_model(), torch.randn(2, 3, 16, 16)
+    written = count_complexity(model, example_inputs=x)
+    optimize_for_training(model, x, forms=(form,))
+    counted = count_complexity(model, example_inputs=x)
+    assert (counted.macs, counted.params) == (written.macs, written.params)
+    assert model[3].training_form == form  # counting switched the forms back after
+    pruned_written = prune(_small_model(), x, ratio=0.5, criterion="l1")
+    pruned = prune(model, x, ratio=0.5, criterion="l1")  # the trace sees into every block
+    assert str(pruned).replace("TrainingFormCPDBlock", "CPDBlock") == str(pruned_written)
+    assert count_complexity(pruned, example_inputs=x).macs == count_complexity(pruned_written, example_inputs=x).macs
+    torch.testing.assert_close(pruned(x), pruned_written(x), rtol=1e-4, atol=1e-4)
 
 
 # ------------------------------------------------------------------ optimize_for_inference

@@ -366,7 +366,9 @@ def _count_macs(model: nn.Module, inputs: Any, batch: int) -> dict[str, _Tally]:
         for module in model.modules():
             handles.append(module.register_forward_hook(hook))
         model.eval()
-        with torch.no_grad():
+        from norton.deploy.forms import blocks_as_written  # deploy builds on this module: imported late
+
+        with torch.no_grad(), blocks_as_written(model):
             call_model(model, inputs)
     finally:
         for handle in handles:

@@ -25,7 +25,8 @@ fastest is decided in :mod:`norton.deploy.optimize`.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, cast
 
 import torch
@@ -251,6 +252,27 @@ def set_training_form(block: CPDBlock, form: str) -> CPDBlock:
         block.__class__ = TrainingFormCPDBlock
         cast(TrainingFormCPDBlock, block).training_form = form
     return block
+
+
+def as_written(model: nn.Module) -> dict[CPDBlock, str]:
+    """Switch every CPDBlock of ``model`` back to the ``cpd`` form, in place; ``{block: the form it had}``."""
+    switched: dict[CPDBlock, str] = {m: m.training_form for m in model.modules() if isinstance(m, TrainingFormCPDBlock)}
+    for block in switched:
+        set_training_form(block, "cpd")
+    return switched
+
+
+@contextmanager
+def blocks_as_written(model: nn.Module) -> Iterator[None]:
+    """Inside, every CPDBlock of ``model`` computes through its own child convolutions (the ``cpd`` form),
+    so hooks on them see it; the training forms are switched back after. MACs counting needs this:
+    a dense training form runs one ``F.conv2d`` on a rebuilt kernel, which no hook on a module sees."""
+    switched = as_written(model)
+    try:
+        yield
+    finally:
+        for block, form in switched.items():
+            set_training_form(block, form)
 
 
 def is_plain_block(module: nn.Module) -> bool:

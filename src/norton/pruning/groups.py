@@ -112,6 +112,11 @@ def _working_copy(model: nn.Module) -> nn.Module:
         raise UserError(f"cannot copy the model to prune it safely: {type(error).__name__}: {error}") from None
     for parameter in work.parameters():
         parameter.requires_grad_(True)
+    # A block in a training form (optimize_for_training) runs one conv on a rebuilt kernel, which the
+    # trace cannot see into: the copy computes as written (the same function), and so does the result.
+    from norton.deploy.forms import as_written
+
+    as_written(work)
     return work
 
 
