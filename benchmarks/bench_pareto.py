@@ -225,11 +225,13 @@ def run_one(args: argparse.Namespace, env: dict[str, Any], data: data_lib.Data, 
 
 
 def training_forms(model: nn.Module, input_size: tuple[int, ...], device: str) -> dict[str, str]:
-    """Every CPDBlock of ``model`` switched, in place, to its fastest forward+backward form before fine-tuning
-    (:func:`norton.optimize_for_training`: the same parameters and function, 1.4-7x faster steps on a CPU,
-    docs/speed.md); ``{layer: form}``, empty for a model without CPDBlocks. Rows without a ``training_forms``
-    field trained the blocks as written (``cpd``): the same function, more time."""
-    return norton.optimize_for_training(model.to(device), torch.zeros(8, *input_size, device=device))
+    """Every CPDBlock of ``model`` switched, in place, to the ``dense`` training form before fine-tuning
+    (:func:`norton.optimize_for_training` without timing: the same parameters and function, one conv on a
+    kernel rebuilt from the factors, the fastest form at these widths and 1.4-7x faster steps on a CPU than
+    the blocks as written, docs/speed.md; chosen without timing so that a row does not depend on the
+    machine's load); ``{layer: form}``, empty for a model without CPDBlocks. Rows without a
+    ``training_forms`` field trained the blocks as written (``cpd``): the same function, more time."""
+    return norton.optimize_for_training(model.to(device), torch.zeros(8, *input_size, device=device), measure=False)
 
 
 def command_line() -> str:
