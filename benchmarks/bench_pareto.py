@@ -37,7 +37,6 @@ import copy
 import os
 import sys
 import time
-from collections import Counter
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -206,7 +205,6 @@ def run_one(args: argparse.Namespace, env: dict[str, Any], data: data_lib.Data, 
     loaders = data_lib.loaders_for(data, seed)
     before = top1(compressed.to(device), loaders.test, device)
     print(f"  top-1 right after compression {before:.2f}%", flush=True)
-    forms = training_forms(compressed, data.input_size, device)
     started = time.perf_counter()
     result = norton.fit(compressed, loaders, epochs=args.epochs, **data_lib.FINETUNE_RECIPE, device=args.device,
                         seed=seed, progress=False, verbose=True, **finetune_kwargs(args, baseline))
@@ -217,21 +215,10 @@ def run_one(args: argparse.Namespace, env: dict[str, Any], data: data_lib.Data, 
     return {**key, "top1_compressed": before, "top1_finetuned": result.test["top1"],
             **measure(compressed, baseline, data, base_record["macs"], quick=args.quick),
             "compress_seconds": compress_seconds, "finetune_seconds": finetune_seconds, "details": details,
-            "training_forms": dict(Counter(forms.values())),
             "baseline_top1": base_record["top1_finetuned"],
             "baseline_fingerprint": base_record["details"]["fingerprint"], "recipe": {**data_lib.FINETUNE_RECIPE, "device": device,
             "batch_size": data_lib.BATCH_SIZE, "train_images": len(data.splits.train)},
             "env": env, "command": command_line(), "finished": datetime.now(UTC).isoformat(timespec="seconds")}
-
-
-def training_forms(model: nn.Module, input_size: tuple[int, ...], device: str) -> dict[str, str]:
-    """Every CPDBlock of ``model`` switched, in place, to the ``dense`` training form before fine-tuning
-    (:func:`norton.optimize_for_training` without timing: the same parameters and function, one conv on a
-    kernel rebuilt from the factors, the fastest form at these widths and 1.4-7x faster steps on a CPU than
-    the blocks as written, docs/speed.md; chosen without timing so that a row does not depend on the
-    machine's load); ``{layer: form}``, empty for a model without CPDBlocks. Rows without a
-    ``training_forms`` field trained the blocks as written (``cpd``): the same function, more time."""
-    return norton.optimize_for_training(model.to(device), torch.zeros(8, *input_size, device=device), measure=False)
 
 
 def command_line() -> str:

@@ -241,19 +241,6 @@ def test_protocol_runs_every_method_once_then_the_finalists_with_three_seeds_the
     assert len(calls) == len(first) + len(expected)
 
 
-def test_cpd_blocks_fine_tune_in_the_dense_training_form_with_the_same_function_and_parameters():
-    model = _resnet20()
-    norton.decompose(model, rank=2, n_iter_max=2, progress=False)
-    x = torch.randn(2, 1, 32, 32)
-    before, names = model.eval()(x), sorted(model.state_dict())
-    forms = bench_pareto.training_forms(model, (1, 32, 32), "cpu")
-    blocks = [n for n, m in model.named_modules() if isinstance(m, norton.CPDBlock)]
-    assert sorted(forms) == blocks and set(forms.values()) == {"dense"}  # chosen without timing: reproducible
-    assert sorted(model.state_dict()) == names
-    torch.testing.assert_close(model(x), before, rtol=1e-4, atol=1e-4)
-    assert bench_pareto.training_forms(_resnet20(), (1, 32, 32), "cpu") == {}  # Torch-Pruning's models: nothing to do
-
-
 def test_auto_latency_times_at_batch_64_and_records_the_report(monkeypatch):
     seen = {}
 

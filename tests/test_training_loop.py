@@ -290,3 +290,44 @@ def test_a_distilled_run_resumes_only_with_the_same_teacher_settings(loaders, tm
     # a run without a teacher records no distillation settings, so other values do not block its resume
     assert load_checkpoint(tmp_path / "plain" / "last.pt")["recipe"]["distill_alpha"] is None
     fit(tiny_cnn(), loaders, distill_alpha=0.1, output_dir=tmp_path / "plain", **common)
+
+
+# ------------------------------------------------------------------ training forms of CPDBlocks
+def cpd_cnn(seed: int = 0) -> nn.Module:
+    from norton.decomposition.cpd_block import CPDBlock
+
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(4),
+        CPDBlock(8, 16, 2, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        CPDBlock(16, 16, 2, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
+    )
+
+
+def test_cpd_blocks_train_in_the_dense_form_with_the_same_result_and_are_switched_back(loaders):
+    from norton.decomposition.cpd_block import CPDBlock
+    from norton.deploy.forms import set_training_form
+
+    settings = {"epochs": 2, "lr": 0.05, "seed": 3, "verbose": False}
+    written = cpd_cnn()
+    fit(written, loaders, training_form=None, **settings)
+    model = cpd_cnn()
+    set_training_form(model[7], "grouped")  # a form chosen before (optimize_for_training) is kept
+    seen = []
+    fit(model, loaders, callbacks=[lambda record: seen.append(
+        (type(model[4]).__name__, getattr(model[4], "training_form", "cpd"), model[7].training_form))], **settings)
+    assert seen == [("TrainingFormCPDBlock", "dense", "grouped")] * 2
+    assert type(model[4]) is CPDBlock and model[7].training_form == "grouped"  # only fit's own switch is undone
+    for key, value in written.state_dict().items():  # the same function and gradients: the same training
+        torch.testing.assert_close(model.state_dict()[key], value, rtol=1e-3, atol=1e-4)
+
+
+def test_a_killed_run_leaves_its_blocks_as_written_and_a_bad_form_is_refused(loaders, tmp_path):
+    from norton.decomposition.cpd_block import CPDBlock
+
+    model = cpd_cnn()
+    with pytest.raises(KeyboardInterrupt):
+        fit(model, loaders, epochs=2, lr=0.05, verbose=False, callbacks=[StopAfter(1)])
+    assert all(type(m) is CPDBlock for m in (model[4], model[7]))
+    with pytest.raises(UserError, match="unknown training_form 'fast'"):
+        fit(model, loaders, epochs=1, lr=0.05, training_form="fast")

@@ -130,7 +130,7 @@ class ClassificationTask:
             label_smoothing=recipe.label_smoothing, amp=recipe.amp, teacher=teacher,
             distill_alpha=recipe.distill_alpha, distill_temperature=recipe.distill_temperature,
             device=self.device, output_dir=folder, resume=resume, seed=seed, progress=self.progress,
-            args={"stage": stage},
+            args={"stage": stage}, training_form=None,  # compress chose each block's form by timing (_use_training_forms)
         ).best_val_top1
 
     def complexity(self, model: nn.Module) -> dict[str, int]:

@@ -35,6 +35,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from norton.decomposition.cpd_block import CPDBlock
+from norton.deploy.forms import TRAINING_FORMS, set_training_form
 from norton.errors import UserError
 from norton.io import append_jsonl, atomic_save, write_json, write_jsonl
 from norton.training.checkpoint import (
@@ -260,6 +262,7 @@ def fit(
     verbose: bool = True,
     callbacks: Sequence[Callback] = (),
     args: Mapping[str, Any] | None = None,
+    training_form: str | None = "dense",
 ) -> FitResult:
     """Train ``model`` on ``loaders.train``, pick the best epoch on ``loaders.val``, test it on ``loaders.test``.
 
@@ -283,6 +286,13 @@ def fit(
         callbacks: called with each epoch's record (the ``metrics.jsonl`` line) on every rank,
             after the checkpoints are written.
         args: plain data stored in the checkpoints under ``"args"`` (e.g. the command line).
+        training_form: how the CPDBlocks still in their written form compute during the run
+            (:func:`norton.deploy.forms.set_training_form`). ``"dense"`` rebuilds each block's kernel
+            from its factors and runs one conv: the same parameters, state-dict keys and function,
+            1.4-7x faster steps on a CPU than the three convs as written (docs/speed.md), chosen
+            without timing so that a resumed run computes like the first. Blocks already switched
+            (:func:`norton.optimize_for_training`) keep their form; the ones ``fit`` switched are
+            switched back when it returns. ``None`` leaves every block as it is.
 
     Returns:
         a :class:`FitResult`; ``model`` is left holding the best epoch's weights.
@@ -298,22 +308,40 @@ def fit(
                  "label_smoothing": label_smoothing, "amp": amp, "distill_alpha": distill_alpha,
                  "distill_temperature": distill_temperature}
     recipe = _make_recipe(recipe, overrides)
+    if training_form is not None and training_form not in TRAINING_FORMS:
+        raise UserError(f"unknown training_form {training_form!r}; choose from {', '.join(TRAINING_FORMS)} or None")
     started = time.perf_counter()
     out = Path(output_dir).expanduser() if output_dir is not None else None
     check_output_dir(out, resume=resume)  # before anything is moved or allocated
-    run = _prepare(model, loaders, recipe, device=device, out=out, seed=seed, args=args, teacher=teacher)
-    if resume:
-        _resume_state(run)
-    elif run.log_dir is not None:
-        write_jsonl([], run.log_dir / "metrics.jsonl")  # a fresh log, even over a run killed in its first epoch
-    for epoch in range(run.epoch + 1, recipe.epochs + 1):
-        record = _run_epoch(run, loaders, epoch, progress=progress)
-        _save_epoch(run, record)
-        if run.rank == 0 and verbose:
-            print(_format_epoch(record, recipe.epochs), file=sys.stderr, flush=True)
-        for callback in callbacks:
-            callback(record)
-    return _finish(run, loaders, progress=progress, started=started)
+    switched = _switch_written_blocks(model, training_form)
+    try:
+        run = _prepare(model, loaders, recipe, device=device, out=out, seed=seed, args=args, teacher=teacher)
+        if resume:
+            _resume_state(run)
+        elif run.log_dir is not None:
+            write_jsonl([], run.log_dir / "metrics.jsonl")  # a fresh log, even over a run killed in its first epoch
+        for epoch in range(run.epoch + 1, recipe.epochs + 1):
+            record = _run_epoch(run, loaders, epoch, progress=progress)
+            _save_epoch(run, record)
+            if run.rank == 0 and verbose:
+                print(_format_epoch(record, recipe.epochs), file=sys.stderr, flush=True)
+            for callback in callbacks:
+                callback(record)
+        return _finish(run, loaders, progress=progress, started=started)
+    finally:
+        for block in switched:
+            set_training_form(block, "cpd")
+
+
+def _switch_written_blocks(model: nn.Module, form: str | None) -> list[CPDBlock]:
+    """Switch every CPDBlock of ``model`` still in its written form to ``form``, in place; the blocks switched."""
+    if form is None or form == "cpd":
+        return []
+    model = model.module if isinstance(model, DistributedDataParallel) else model
+    blocks: list[CPDBlock] = [m for m in model.modules() if type(m) is CPDBlock]  # subclasses and switched blocks keep theirs
+    for block in blocks:
+        set_training_form(block, form)
+    return blocks
 
 
 def _make_recipe(recipe: TrainingRecipe | None, overrides: Mapping[str, Any]) -> TrainingRecipe:
