@@ -242,7 +242,6 @@ def run_grid(args: argparse.Namespace, results: Path) -> None:
            "device": str(resolve_device(args.device))}
     print(f"torch {env['torch']}, {env['threads']} threads, {env['cpu']} ({env['cpu_count']} cores), "
           f"training on {env['device']}, latency on the CPU", flush=True)
-    methods = list(args.methods)
     records = report.read_results(results)
     done = report.done_keys(records)
     data = data_lib.build_data(data_dir=args.data_dir, limit=QUICK["limit"] if args.quick else None)
@@ -264,7 +263,7 @@ def run_grid(args: argparse.Namespace, results: Path) -> None:
         base["details"]["fingerprint"] = mark
         report.append_result(base, results)
     # Each stage's keys are decided when it starts: the protocol's finalists depend on the first stage's rows.
-    stages = [lambda: grid_keys(args, methods, args.seeds, args.epochs, args.latency_budgets)]
+    stages = [lambda: grid_keys(args)]
     if args.protocol:
         stages += [lambda: finalist_keys(args, report.read_results(results), 1),
                    lambda: finalist_keys(args, report.read_results(results), FINALIST_EPOCHS)]
@@ -292,16 +291,16 @@ def _key(args: argparse.Namespace, method: str, budget: float, seed: int, epochs
             "distill": bool(args.distill)}
 
 
-def grid_keys(args: argparse.Namespace, methods: Sequence[str], seeds: Sequence[int], epochs: int,
-              latency_budgets: Sequence[float]) -> list[dict[str, Any]]:
-    """The keys of ``methods`` at every budget and seed: the fixed-budget control first (dense at 1),
-    MACs budgets for the MACs methods, ``latency_budgets`` for the latency ones (auto-latency, also
-    when ``methods`` does not name it)."""
+def grid_keys(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The keys of ``--methods`` at every budget and seed: the fixed-budget control first (dense at 1),
+    ``--budgets`` for the MACs methods, ``--latency-budgets`` for the latency ones (auto-latency, also
+    when ``--methods`` does not name it)."""
+    methods = args.methods
     pieces = [(report.FIXED_BUDGETS[method], method) for method in methods if method in report.FIXED_BUDGETS]
     pieces += [(budget, method) for budget in args.budgets for method in methods
                if method not in report.LATENCY_METHODS and method not in report.FIXED_BUDGETS]
-    pieces += [(budget, method) for budget in latency_budgets for method in sorted(report.LATENCY_METHODS)]
-    return [_key(args, method, budget, seed, epochs) for budget, method in pieces for seed in seeds]
+    pieces += [(budget, method) for budget in args.latency_budgets for method in sorted(report.LATENCY_METHODS)]
+    return [_key(args, method, budget, seed, args.epochs) for budget, method in pieces for seed in args.seeds]
 
 
 def finalist_keys(args: argparse.Namespace, records: Sequence[dict[str, Any]], epochs: int) -> list[dict[str, Any]]:

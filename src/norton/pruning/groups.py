@@ -113,7 +113,7 @@ def _working_copy(model: nn.Module) -> nn.Module:
     for parameter in work.parameters():
         parameter.requires_grad_(True)
     # A block in a training form (optimize_for_training) runs one conv on a rebuilt kernel, which the
-    # trace cannot see into: the copy computes as written (the same function), and so does the result.
+    # trace cannot see into: the copy computes as written (the same function); the model keeps its forms.
     from norton.deploy.forms import as_written
 
     as_written(work)
