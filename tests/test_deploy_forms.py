@@ -18,6 +18,8 @@ from norton.deploy.forms import (
     TrainingFormCPDBlock,
     build_form,
     form_of,
+    form_of_block,
+    forms_restored,
     set_training_form,
 )
 from norton.errors import UserError
@@ -136,3 +138,17 @@ def test_training_form_keeps_parameters_and_state_dict_keys():
     assert type(block) is CPDBlock
     with pytest.raises(UserError):
         set_training_form(block, "fast")
+
+
+def test_forms_restored_puts_every_block_back_in_its_entry_form_even_after_an_error():
+    blocks = [_random_block(config, seed) for seed, config in enumerate(BLOCK_CONFIGS[:3])]
+    model = nn.Sequential(*blocks)
+    set_training_form(blocks[1], "merged")
+    set_training_form(blocks[2], "dense")
+    with pytest.raises(RuntimeError, match="stop"), forms_restored(model):
+        for block in blocks:
+            set_training_form(block, "grouped")
+        assert [form_of_block(b) for b in blocks] == ["grouped"] * 3
+        raise RuntimeError("stop")
+    assert [form_of_block(b) for b in blocks] == ["cpd", "merged", "dense"]
+    assert type(blocks[0]) is CPDBlock

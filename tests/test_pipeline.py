@@ -7,6 +7,8 @@ import torch
 import norton
 import norton.pipeline as pipeline
 from norton.compress_arguments import FineTune, check_compress_arguments
+from norton.decomposition.cpd_block import CPDBlock
+from norton.deploy.forms import form_of_block, set_training_form
 from norton.errors import UserError
 from norton.models import create_model
 from norton.pipeline import compress
@@ -27,6 +29,16 @@ def test_a_real_compression_records_its_stages_saves_them_and_resumes(tiny_loade
     torch.manual_seed(0)
     model = create_model("resnet_20")
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    forms_seen = []  # compress times its training forms; here they are fixed, so the check cannot depend on load
+    monkeypatch.setattr(pipeline, "_use_training_forms", lambda net, task: [
+        set_training_form(m, "merged") for m in net.modules() if type(m) is CPDBlock])
+    real_fit = pipeline.fit
+
+    def spying_fit(net, *args, **kwargs):
+        forms_seen.extend(form_of_block(m) for m in net.modules() if isinstance(m, CPDBlock))
+        return real_fit(net, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "fit", spying_fit)
     result = compress(
         model, tiny_loaders, input_size=(3, 32, 32), rank=2, ratio=0.5, criterion="l1",
         decompose_finetune=ONE_EPOCH, prune_finetune=ONE_EPOCH, output_dir=tmp_path, device="cpu",
@@ -45,6 +57,10 @@ def test_a_real_compression_records_its_stages_saves_them_and_resumes(tiny_loade
     # the input model is untouched, the returned one matches the last record
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert norton.count_complexity(result.model, (3, 32, 32)).macs == macs[2]
+    # fine-tuning ran in training forms; the returned model computes as written again
+    blocks = [m for m in result.model.modules() if isinstance(m, CPDBlock)]
+    assert blocks and all(type(b) is CPDBlock for b in blocks)
+    assert forms_seen and set(forms_seen) == {"merged"}
 
     # every stage's final.pt loads with norton.load and carries the plan so far
     x = torch.randn(2, 3, 32, 32)

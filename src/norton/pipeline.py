@@ -32,6 +32,7 @@ from norton.compress_arguments import (
 )
 from norton.decomposition.cpd_block import CPDBlock
 from norton.decomposition.decompose import RankSpec, decompose, eligible_convs, replay_decompose
+from norton.deploy.forms import forms_restored
 from norton.detection.parts import check_parts, layers_in_parts, parts_macs
 from norton.example_inputs import takes_image_list
 from norton.limits import (
@@ -345,8 +346,9 @@ def _run_stage(
     # Training forms compute the same function faster (e.g. one dense conv rebuilt
     # from the factors); they serve the evaluations too, and are undone before
     # the MACs are counted and the model is saved.
-    forms = _use_training_forms(model, task) if isinstance(task, ClassificationTask) else {}
-    try:
+    with forms_restored(model):
+        if isinstance(task, ClassificationTask):
+            _use_training_forms(model, task)
         before = task.score(model, before=True)
         log(f"{name}: {split} {task.label} {before[task.metric]:.2f}% before fine-tuning")
         kept_start = False
@@ -365,8 +367,6 @@ def _run_stage(
                     f"{before[task.metric]:.2f}% before it: keeping the model before fine-tuning")
             del start_state
         test = task.score(model, before=False)
-    finally:
-        _restore_forms(model, forms)
     model.to("cpu")
     record: dict[str, Any] = {"name": name, **task.complexity(model), **test}
     record.update({f"{split}_{task.metric}_before_finetune": before[task.metric], "finetune_epochs": recipe.epochs,
@@ -395,22 +395,11 @@ def _decomposition_ratio(model: nn.Module, rank: RankSpec, example: Any, method:
     return parts_macs(probe, example, parts) / parts_macs(model, example, parts)
 
 
-def _use_training_forms(model: nn.Module, task: ClassificationTask) -> dict[str, str]:
+def _use_training_forms(model: nn.Module, task: ClassificationTask) -> None:
     """Switch CPDBlocks to their fastest training implementation (same parameters and function)."""
     if not any(isinstance(m, CPDBlock) for m in model.modules()):
-        return {}
+        return
     from norton.deploy.optimize import optimize_for_training
 
     model.to(task.device)
-    return optimize_for_training(model, torch.zeros(8, *task.input_size, device=task.device))
-
-
-def _restore_forms(model: nn.Module, forms: Mapping[str, str]) -> None:
-    if not forms:
-        return
-    from norton.deploy.forms import set_training_form
-
-    for name in forms:
-        block = model.get_submodule(name)
-        assert isinstance(block, CPDBlock)  # forms names the CPDBlocks it switched
-        set_training_form(block, "cpd")
+    optimize_for_training(model, torch.zeros(8, *task.input_size, device=task.device))

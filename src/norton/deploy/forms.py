@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, cast
+from typing import Any, TypeGuard, cast
 
 import torch
 import torch.nn.functional as F
@@ -254,12 +254,32 @@ def set_training_form(block: CPDBlock, form: str) -> CPDBlock:
     return block
 
 
-def as_written(model: nn.Module) -> dict[CPDBlock, str]:
-    """Switch every CPDBlock of ``model`` back to the ``cpd`` form, in place; ``{block: the form it had}``."""
-    switched: dict[CPDBlock, str] = {m: m.training_form for m in model.modules() if isinstance(m, TrainingFormCPDBlock)}
-    for block in switched:
-        set_training_form(block, "cpd")
-    return switched
+def form_of_block(block: CPDBlock) -> str:
+    """The training form ``block`` computes in now (``"cpd"`` for a block as written)."""
+    return block.training_form if isinstance(block, TrainingFormCPDBlock) else "cpd"
+
+
+@contextmanager
+def forms_restored(model: nn.Module) -> Iterator[None]:
+    """Inside, the plain CPDBlocks of ``model`` may be switched to any training form; on exit
+    (also by an exception) each is switched back to the form it had on entry.
+
+    The one way norton undoes a temporary switch: ``fit`` trains blocks as written in a faster
+    form, ``compress`` in the forms it timed, MACs counting and tracing as written.
+    """
+    entered = {block: form_of_block(block) for block in model.modules() if is_plain_block(block)}
+    try:
+        yield
+    finally:
+        for block, form in entered.items():
+            set_training_form(block, form)
+
+
+def as_written(model: nn.Module) -> None:
+    """Switch every CPDBlock of ``model`` in a training form back to the ``cpd`` form, in place."""
+    for block in model.modules():
+        if isinstance(block, TrainingFormCPDBlock):
+            set_training_form(block, "cpd")
 
 
 @contextmanager
@@ -267,14 +287,11 @@ def blocks_as_written(model: nn.Module) -> Iterator[None]:
     """Inside, every CPDBlock of ``model`` computes through its own child convolutions (the ``cpd`` form),
     so hooks on them see it; the training forms are switched back after. MACs counting needs this:
     a dense training form runs one ``F.conv2d`` on a rebuilt kernel, which no hook on a module sees."""
-    switched = as_written(model)
-    try:
+    with forms_restored(model):
+        as_written(model)
         yield
-    finally:
-        for block, form in switched.items():
-            set_training_form(block, form)
 
 
-def is_plain_block(module: nn.Module) -> bool:
+def is_plain_block(module: nn.Module) -> TypeGuard[CPDBlock]:
     """A CPDBlock whose training form can be switched (not a subclass of someone else's)."""
     return type(module) in (CPDBlock, TrainingFormCPDBlock)

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from norton.decomposition.cpd_block import CPDBlock
-from norton.deploy.forms import TRAINING_FORMS, set_training_form
+from norton.deploy.forms import TRAINING_FORMS, forms_restored, set_training_form
 from norton.errors import UserError
 from norton.io import append_jsonl, atomic_save, write_json, write_jsonl
 from norton.training.checkpoint import (
@@ -313,8 +313,8 @@ def fit(
     started = time.perf_counter()
     out = Path(output_dir).expanduser() if output_dir is not None else None
     check_output_dir(out, resume=resume)  # before anything is moved or allocated
-    switched = _switch_written_blocks(model, training_form)
-    try:
+    with forms_restored(model):  # blocks fit switches are switched back when it returns or fails
+        _switch_written_blocks(model, training_form)
         run = _prepare(model, loaders, recipe, device=device, out=out, seed=seed, args=args, teacher=teacher)
         if resume:
             _resume_state(run)
@@ -328,20 +328,14 @@ def fit(
             for callback in callbacks:
                 callback(record)
         return _finish(run, loaders, progress=progress, started=started)
-    finally:
-        for block in switched:
-            set_training_form(block, "cpd")
 
 
-def _switch_written_blocks(model: nn.Module, form: str | None) -> list[CPDBlock]:
-    """Switch every CPDBlock of ``model`` still in its written form to ``form``, in place; the blocks switched."""
+def _switch_written_blocks(model: nn.Module, form: str | None) -> None:
+    """Switch every CPDBlock of ``model`` still in its written form to ``form``, in place."""
     if form is None or form == "cpd":
-        return []
-    model = model.module if isinstance(model, DistributedDataParallel) else model
-    blocks: list[CPDBlock] = [m for m in model.modules() if type(m) is CPDBlock]  # subclasses and switched blocks keep theirs
-    for block in blocks:
+        return
+    for block in [m for m in model.modules() if type(m) is CPDBlock]:  # subclasses and switched blocks keep theirs
         set_training_form(block, form)
-    return blocks
 
 
 def _make_recipe(recipe: TrainingRecipe | None, overrides: Mapping[str, Any]) -> TrainingRecipe:
