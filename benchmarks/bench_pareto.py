@@ -206,11 +206,12 @@ def run_one(args: argparse.Namespace, env: dict[str, Any], data: data_lib.Data, 
     before = top1(compressed.to(device), loaders.test, device)
     print(f"  top-1 right after compression {before:.2f}%", flush=True)
     started = time.perf_counter()
-    result = norton.fit(compressed, loaders, epochs=args.epochs, **data_lib.FINETUNE_RECIPE, device=args.device,
+    # the key's epochs, not --epochs: the protocol's last stage runs 5-epoch keys in a run whose --epochs is 1
+    result = norton.fit(compressed, loaders, epochs=key["epochs"], **data_lib.FINETUNE_RECIPE, device=args.device,
                         seed=seed, progress=False, verbose=True, **finetune_kwargs(args, baseline))
     finetune_seconds = time.perf_counter() - started
     assert result.test is not None
-    print(f"  top-1 after {args.epochs} epoch(s) of fine-tuning {result.test['top1']:.2f}% "
+    print(f"  top-1 after {key['epochs']} epoch(s) of fine-tuning {result.test['top1']:.2f}% "
           f"({finetune_seconds / 60:.1f} min)", flush=True)
     return {**key, "top1_compressed": before, "top1_finetuned": result.test["top1"],
             **measure(compressed, baseline, data, base_record["macs"], quick=args.quick),

@@ -241,6 +241,30 @@ def test_protocol_runs_every_method_once_then_the_finalists_with_three_seeds_the
     assert len(calls) == len(first) + len(expected)
 
 
+def test_one_run_fine_tunes_for_its_keys_epochs_not_the_command_lines(monkeypatch):
+    # The protocol's 5-epoch stage runs in a process whose --epochs is 1: each model must train for its key's.
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten(), torch.nn.Linear(72, 10))
+    trained = []
+
+    def fake_fit(net, loaders, *, epochs, **kwargs):
+        trained.append(epochs)
+        return type("Result", (), {"test": {"top1": 50.0}})()
+
+    monkeypatch.setattr(bench_pareto.norton, "fit", fake_fit)
+    monkeypatch.setitem(bench_pareto.METHODS, "paper", lambda base, example, budget, calibration, seed: (base, {}))
+    monkeypatch.setattr(bench_pareto, "macs_fraction", lambda *a: 0.5)
+    monkeypatch.setattr(bench_pareto.data_lib, "calibration_batches", lambda *a, **k: [])
+    monkeypatch.setattr(bench_pareto.data_lib, "loaders_for", lambda *a: type("L", (), {"test": None})())
+    monkeypatch.setattr(bench_pareto, "top1", lambda *a: 10.0)
+    monkeypatch.setattr(bench_pareto, "measure", lambda *a, **k: {"macs": 1000})
+    data = type("D", (), {"input_size": (1, 8, 8), "splits": type("S", (), {"train": [0] * 3})()})()
+    base = {"macs": 2000, "top1_finetuned": 90.0, "details": {"fingerprint": "f"}}
+    args = bench_pareto.parse_args(["--device", "cpu"])
+    assert args.epochs == 1
+    record = bench_pareto.run_one(args, {}, data, model, base, bench_pareto._key(args, "paper", 0.5, 0, 5))
+    assert trained == [5] and record["epochs"] == 5
+
+
 def test_auto_latency_times_at_batch_64_and_records_the_report(monkeypatch):
     seen = {}
 
