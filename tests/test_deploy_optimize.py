@@ -96,6 +96,14 @@ def test_optimize_with_one_form_uses_it_everywhere(form):
     assert form_of(optimized[3]) == form and form_of(optimized[6]) == form
 
 
+def test_inference_copy_of_a_model_in_training_forms_computes_as_written_and_leaves_the_forms():
+    model = _small_model()
+    optimize_for_training(model, torch.randn(2, 3, 16, 16), forms=("dense",))
+    optimized = optimize_for_inference(model, torch.randn(2, 3, 16, 16), forms=("cpd",), memory_format="contiguous")
+    assert type(optimized[3]) is CPDBlock and type(optimized[6]) is CPDBlock
+    assert model[3].training_form == "dense" and model[6].training_form == "dense"
+
+
 def test_optimize_without_measuring_follows_the_mac_rule():
     # rank 8 of a 3x3 layer costs nearly the dense MACs: the rule picks the dense conv
     model = _small_model(rank=8)

@@ -57,7 +57,7 @@ from norton.deploy.forms import (
     INFERENCE_FORMS,
     RECORDED_FORMS,
     TRAINING_FORMS,
-    TrainingFormCPDBlock,
+    as_written,
     build_form,
     is_layer_block,
     is_plain_block,
@@ -155,9 +155,7 @@ def optimize_for_inference(
     inputs = tuple(t.to(device) for t in as_tuple(example_inputs))
     model = copy.deepcopy(model).to(device).float().eval()  # the caller's model stays as it is; folds in fp32
     record_original(model)
-    for module in model.modules():
-        if type(module) is TrainingFormCPDBlock:  # a training-time forward is no inference form
-            set_training_form(module, "cpd")
+    as_written(model)  # a training-time forward is no inference form
     fp32_inputs = tuple(t.float() if t.is_floating_point() else t for t in inputs)
     reference = _run(model, fp32_inputs) if check else None
     if reference is not None and not all_finite(reference):
