@@ -196,18 +196,21 @@ def _mean_of(group: Sequence[Mapping[str, Any]], field: str) -> float | None:
 
 def best_peer(groups: Mapping[tuple[float, str, int, bool], Sequence[Mapping[str, Any]]], budget: float, epochs: int,
               distill: bool) -> tuple[str, Sequence[Mapping[str, Any]], float] | None:
-    """The ``tp-*`` setting with the highest mean top-1 after fine-tuning at ``budget`` under the same
-    recipe, of :func:`grouped`'s ``groups``: ``(method, its records, mean)``, or ``None`` when none ran."""
+    """The best ``tp-*`` setting at ``budget`` under the same recipe, of :func:`grouped`'s ``groups``:
+    ``(method, its records, mean top-1 after fine-tuning)``, or ``None`` when none ran.
+
+    Best means the highest mean among the settings with the most seeds: a single lucky seed of a
+    setting the protocol dropped does not outrank the finalist that ran all its seeds."""
     budget = round(budget, 6)  # as record_key rounds
     peers = [(key[1], group, mean) for key, group in groups.items() if key[1].startswith(PEER_PREFIX)
              and key[0] == budget and key[2:] == (epochs, distill) and (mean := _mean_of(group, "top1_finetuned")) is not None]
-    return max(peers, key=lambda p: p[2]) if peers else None
+    return max(peers, key=lambda p: (len(p[1]), p[2])) if peers else None
 
 
 def render_goals(records: Sequence[Mapping[str, Any]], model: str) -> str:
     """``auto`` against the best ``tp-*`` setting at each MACs budget of :data:`GOALS`, one row per
-    (budget, fine-tuning epochs, distillation) where both were run; the best setting is the one with
-    the highest mean top-1 after fine-tuning under the same recipe. Beside them, the ``dense`` control
+    (budget, fine-tuning epochs, distillation) where both were run; the best setting is
+    :func:`best_peer`'s (most seeds, then highest mean). Beside them, the ``dense`` control
     under that recipe where it ran: no lead can be larger than its margin over the peer unless a
     compressed model beats the uncompressed one."""
     groups = grouped(records, model)

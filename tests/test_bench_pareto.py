@@ -394,6 +394,18 @@ def test_goals_table_compares_auto_with_the_best_peer_under_the_same_recipe():
     assert report.render_goals([_record("tp-l1-global", 0.5, 0, 92.0)], "resnet_20") == ""
 
 
+def test_best_peer_prefers_the_setting_with_the_most_seeds_then_the_highest_mean():
+    records = [_record("tp-l1-uniform", 0.2, seed, top1) for seed, top1 in enumerate((92.7, 92.5, 92.6))]
+    records += [_record("tp-l1-global", 0.2, 0, 92.9),  # one lucky seed of a dropped setting
+                _record("tp-lamp-global", 0.2, 0, 91.0), _record("tp-lamp-global", 0.2, 1, 91.2),
+                _record("tp-taylor-uniform", 0.1, 0, 99.0)]  # another budget
+    name, group, mean = report.best_peer(report.grouped(records, "resnet_20"), 0.2, 1, False)
+    assert (name, len(group), mean) == ("tp-l1-uniform", 3, pytest.approx(92.6))
+    single = [_record("tp-l1-uniform", 0.2, 0, 92.7), _record("tp-l1-global", 0.2, 0, 92.9)]
+    assert report.best_peer(report.grouped(single, "resnet_20"), 0.2, 1, False)[0] == "tp-l1-global"
+    assert report.best_peer(report.grouped(single, "resnet_20"), 0.3, 1, False) is None
+
+
 def test_document_section_is_replaced_between_its_markers_only(tmp_path):
     doc = tmp_path / "pareto.md"
     doc.write_text("# Pareto\n\nintro\n")
