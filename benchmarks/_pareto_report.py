@@ -149,7 +149,8 @@ def render_same_latency(records: Sequence[Mapping[str, Any]], model: str) -> str
     Torch-Pruning's frontier is drawn through every ``tp-*`` setting and budget at the same
     fine-tuning epochs (mean over seeds); a norton point is compared with the frontier's top-1
     at its own speed-up (linear between the two frontier points around it), and with the most
-    accurate Torch-Pruning model that is at least as fast.
+    accurate Torch-Pruning model that is at least as fast (with its number of seeds, ``n``: a
+    single seed of a dropped setting may sit beside a 3-seed mean).
     """
     groups = grouped(records, model)
     rows = []
@@ -157,20 +158,20 @@ def render_same_latency(records: Sequence[Mapping[str, Any]], model: str) -> str
         point = _mean_point(group)
         if method not in NORTON_METHODS or distill or point is None:
             continue
-        peers = [(key, p) for key, g in groups.items() if key[1].startswith(PEER_PREFIX) and key[2] == epochs
+        peers = [(key, p, len(g)) for key, g in groups.items() if key[1].startswith(PEER_PREFIX) and key[2] == epochs
                  and not key[3] and (p := _mean_point(g)) is not None]
         if not peers:
             continue
-        envelope = frontier(p for _, p in peers)
+        envelope = frontier(p for _, p, _ in peers)
         same = at_speedup(envelope, point[0])
-        faster = [(key, p) for key, p in peers if p[0] >= point[0]]
-        best = max(faster, key=lambda kp: kp[1][1]) if faster else None
+        faster = [peer for peer in peers if peer[1][0] >= point[0]]
+        best = max(faster, key=lambda kpn: kpn[1][1]) if faster else None
         what = "latency" if method in LATENCY_METHODS else "MACs"
         rows.append("| " + " | ".join([
             f"{method} at {budget:g} of the {what}", str(epochs), str(len(group)), f"{point[0]:.2f}", f"{point[1]:.2f}",
             "—" if same is None else f"{same:.2f}", "—" if same is None else f"{point[1] - same:+.2f}",
             "none" if best is None else f"{best[0][1]} at {best[0][0]:g} of the MACs: {best[1][1]:.2f} "
-            f"({best[1][0]:.2f}x)",
+            f"({best[1][0]:.2f}x, n={best[2]})",
             "—" if best is None else f"{point[1] - best[1][1]:+.2f}",
         ]) + " |")
     if not rows:

@@ -369,7 +369,7 @@ def test_same_latency_table_compares_with_the_frontier_and_the_best_faster_peer(
     cells = [c.strip() for c in latency.strip("|").split("|")]
     # frontier at 1.4x: halfway between (1.2, 92.0) and (1.6, 91.0) -> 91.5; auto-latency's mean 91.9
     assert cells[1:7] == ["1", "2", "1.40", "91.90", "91.50", "+0.40"]
-    assert cells[7] == "tp-l1-global at 0.3 of the MACs: 91.00 (1.60x)" and cells[8] == "+0.90"
+    assert cells[7] == "tp-l1-global at 0.3 of the MACs: 91.00 (1.60x, n=1)" and cells[8] == "+0.90"
     beyond = next(r for r in rows if r.startswith("| auto at"))
     assert "| none |" in beyond and "| — |" in beyond  # faster than every Torch-Pruning model: nothing to compare
     assert not any(r.startswith("| paper") for r in report.render_same_latency(records, "resnet_20").splitlines())
